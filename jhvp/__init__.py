@@ -1,0 +1,21 @@
+"""jhvp: Hessian-vector products for JAX programs.
+
+Forward-over-reverse (`jax.jvp` of `jax.grad`), over any pytree of parameters, jit-compiled and
+cached, composable with `jax.jit`, `jax.vmap` and sharded inputs. `jhvp.compat` mirrors
+`torch.autograd.functional`.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._hvp import hvp as hvp
+from ._hvp import value_grad_hvp as value_grad_hvp
+from ._hvp import vhp as vhp
+from ._operator import HessianOperator as HessianOperator
+from ._operator import hessian_operator as hessian_operator
+
+try:
+    __version__ = version("jhvp")
+except PackageNotFoundError:  # imported from a source tree that was not installed
+    __version__ = "0+unknown"
+
+__all__ = ["HessianOperator", "hessian_operator", "hvp", "value_grad_hvp", "vhp"]

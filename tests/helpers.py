@@ -1,0 +1,146 @@
+"""The problem zoo and the references the tests compare against."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+X64 = bool(jax.config.jax_enable_x64)
+DTYPE = jnp.float64 if X64 else jnp.float32
+RTOL, ATOL = (1e-9, 1e-11) if X64 else (2e-4, 2e-5)
+
+
+def tree_allclose(a, b, rtol=RTOL, atol=ATOL):
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb, f"structures differ: {ta} vs {tb}"
+    for x, y in zip(la, lb, strict=True):
+        assert np.shape(x) == np.shape(y), (np.shape(x), np.shape(y))
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+    return True
+
+
+def rand(key, shape, scale=1.0):
+    return scale * jax.random.normal(jax.random.PRNGKey(key), shape, DTYPE)
+
+
+def random_like(tree, seed=0):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(
+        treedef, [jax.random.normal(k, jnp.shape(x), DTYPE) for k, x in zip(keys, leaves, strict=False)]
+    )
+
+
+def dense_hvp(f, primals, tangents, argnums=0):
+    """The reference: the dense Hessian from jax.hessian on the flattened parameters, times v."""
+    single = isinstance(argnums, int)
+    nums = (argnums,) if single else tuple(argnums)
+    diff = tuple(primals[i] for i in nums)
+    flat, unravel = ravel_pytree(diff)
+
+    def flat_f(z):
+        args = list(primals)
+        for i, x in zip(nums, unravel(z), strict=False):
+            args[i] = x
+        return f(*args)
+
+    H = jax.hessian(flat_f)(flat)
+    t_flat, _ = ravel_pytree((tangents,) if single else tuple(tangents))
+    out = unravel(H @ t_flat)
+    return out[0] if single else out
+
+
+def fd_hvp(f, primals, tangents, eps=None):
+    """Central finite differences of the gradient (argnums=0)."""
+    eps = eps or (1e-5 if X64 else 1e-2)
+    g = jax.grad(f)
+    plus = jax.tree.map(lambda x, t: x + eps * t, primals[0], tangents)
+    minus = jax.tree.map(lambda x, t: x - eps * t, primals[0], tangents)
+    gp, gm = g(plus, *primals[1:]), g(minus, *primals[1:])
+    return jax.tree.map(lambda a, b: (a - b) / (2 * eps), gp, gm)
+
+
+# ---- problems ---------------------------------------------------------------------------------
+
+
+def quadratic(n=6, seed=0):
+    """f(x) = ½ xᵀAx + bᵀx with A not symmetric: H = (A + Aᵀ)/2 exactly."""
+    A = rand(seed, (n, n))
+    b = rand(seed + 1, (n,))
+
+    def f(x):
+        return 0.5 * x @ A @ x + b @ x
+
+    return f, 0.5 * (A + A.T)
+
+
+def rosenbrock(x):
+    return jnp.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2)
+
+
+def mlp_params(sizes=(4, 8, 3), seed=0):
+    params = {}
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
+        params[f"layer{i}"] = {"w": rand(seed + 2 * i, (a, b), 1 / np.sqrt(a)),
+                               "b": rand(seed + 2 * i + 1, (b,), 0.1)}
+    return params
+
+
+def mlp_loss(params, x, y):
+    h = x
+    n = len(params)
+    for i in range(n):
+        layer = params[f"layer{i}"]
+        h = h @ layer["w"] + layer["b"][None, :]
+        if i < n - 1:
+            h = jnp.tanh(h)
+    return jnp.mean((h - y) ** 2)
+
+
+def mlp_problem(sizes=(4, 8, 3), batch=5, seed=0):
+    params = mlp_params(sizes, seed)
+    x = rand(seed + 100, (batch, sizes[0]))
+    y = rand(seed + 101, (batch, sizes[-1]))
+    return mlp_loss, (params, x, y)
+
+
+class Linear(NamedTuple):
+    w: jax.Array
+    b: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Model:
+    first: Linear
+    scales: list
+    depth: int = dataclasses.field(metadata=dict(static=True), default=2)
+
+
+def model_loss(model: Model, x):
+    h = jnp.tanh(x @ model.first.w + model.first.b[None, :])
+    for s in model.scales[: model.depth]:
+        h = jnp.sin(h * (s if s.ndim == 0 else s[None, :]))
+    return jnp.sum(h**2)
+
+
+def model_problem(seed=0):
+    model = Model(Linear(rand(seed, (3, 4)), rand(seed + 1, (4,))),
+                  [rand(seed + 2, (4,)), rand(seed + 3, ())])
+    return model_loss, (model, rand(seed + 4, (5, 3)))
+
+
+def two_arg(a, b):
+    """Couples two differentiated arguments (one a tuple pytree) and a constant."""
+    x, (y,) = a
+    return jnp.sum(jnp.sin(x) * b["u"] ** 2) + jnp.sum(y**3) * jnp.sum(b["u"]) + jnp.sum(x) ** 2
+
+
+def two_arg_primals(seed=0):
+    return ((rand(seed, (3,)), (rand(seed + 1, (2,)),)), {"u": rand(seed + 2, (3,))})
