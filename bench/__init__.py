@@ -1,0 +1,1 @@
+"""jhvp's benchmarks: `python -m bench --help`."""

@@ -1,0 +1,182 @@
+"""The methods under comparison: each turns a Case into a zero-argument thunk that computes H·v.
+
+Thunks return the result in their framework's arrays; `as_numpy_dict` normalises it for the
+error check. Building a thunk does no timed work except where the method's own set-up is part
+of what it costs (the operator's linearization), which the harness counts as compile time.
+Only the public jhvp API is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .cases import Case
+
+JAX_METHODS = ["jax_grad", "reference", "jhvp_fwd_rev", "jhvp_rev_rev", "jhvp_rev_fwd",
+               "jhvp_operator", "compat_hvp", "dense", "finite_diff"]
+TORCH_METHODS = ["torch_grad", "torch_hvp", "torch_vhp", "torch_func"]
+GRAD_METHODS = {"jax_grad", "torch_grad"}  # the cost units, not H·v
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build(method: str, case: Case, device: str) -> Callable[[], object] | None:
+    """Returns the thunk, or None when the method does not apply to this case."""
+    if method in TORCH_METHODS:
+        return _build_torch(method, case, device)
+    return _build_jax(method, case)
+
+
+# ---- JAX ---------------------------------------------------------------------------------------
+
+
+def _build_jax(method: str, case: Case):
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    import jhvp
+    from jhvp import compat
+
+    f = case.loss_jax
+    put = jax.device_put
+    p = {k: put(jnp.asarray(a)) for k, a in case.params.items()}
+    v = {k: put(jnp.asarray(a)) for k, a in case.tangent.items()}
+    data = tuple(put(jnp.asarray(a)) for a in case.data)
+
+    if method == "jax_grad":
+        grad = jax.jit(jax.grad(f))
+        return lambda: grad(p, *data)
+    if method == "reference":
+        # The hand-written baseline every ratio is measured against.
+        ref = jax.jit(lambda p, v, *data: jax.jvp(lambda q: jax.grad(f)(q, *data), (p,), (v,))[1])
+        return lambda: ref(p, v, *data)
+    if method.startswith("jhvp_") and method != "jhvp_operator":
+        mode = method[len("jhvp_"):]
+        return lambda: jhvp.hvp(f, (p, *data), v, mode=mode)
+    if method == "jhvp_operator":
+        op = jhvp.hessian_operator(f, (p, *data))
+        return lambda: op(v)
+    if method == "compat_hvp":
+        keys = case.keys
+
+        def func(*leaves):  # torch style: a function of a tuple of arrays, data closed over
+            return f(dict(zip(keys, leaves, strict=True)), *data)
+
+        inputs = tuple(p[k] for k in keys)
+        vs = tuple(v[k] for k in keys)
+        return lambda: compat.hvp(func, inputs, vs)[1]
+    if method == "dense":
+        if not case.dense_ok:
+            return None
+        flat_v, _ = ravel_pytree(v)
+
+        @jax.jit
+        def dense(p, flat_v, *data):
+            flat, unravel = ravel_pytree(p)
+            H = jax.hessian(lambda z: f(unravel(z), *data))(flat)
+            return unravel(H @ flat_v)
+
+        return lambda: dense(p, flat_v, *data)
+    if method == "finite_diff":
+        # Central differences of the gradient, step ~ cbrt(machine eps) scaled to p and v.
+        dtype = jnp.result_type(*jax.tree.leaves(p))
+        eps_machine = float(jnp.finfo(dtype).eps)
+
+        @jax.jit
+        def fd(p, v, *data):
+            pn = jnp.sqrt(sum(jnp.sum(a * a) for a in jax.tree.leaves(p)))
+            vn = jnp.sqrt(sum(jnp.sum(a * a) for a in jax.tree.leaves(v)))
+            h = eps_machine ** (1 / 3) * (1 + pn) / vn
+            g = jax.grad(f)
+            gp = g(jax.tree.map(lambda a, b: a + h * b, p, v), *data)
+            gm = g(jax.tree.map(lambda a, b: a - h * b, p, v), *data)
+            return jax.tree.map(lambda a, b: (a - b) / (2 * h), gp, gm)
+
+        return lambda: fd(p, v, *data)
+    raise ValueError(f"unknown method {method!r}")
+
+
+# ---- torch -------------------------------------------------------------------------------------
+
+
+def _build_torch(method: str, case: Case, device: str):
+    if case.loss_torch is None or not torch_available():
+        return None
+    import torch
+    import torch.autograd.functional as TF
+
+    dev = "cuda" if device == "gpu" else "cpu"
+    keys = case.keys
+    params = tuple(torch.tensor(case.params[k], device=dev) for k in keys)
+    v = tuple(torch.tensor(case.tangent[k], device=dev) for k in keys)
+    data = tuple(torch.tensor(a, device=dev) for a in case.data)
+    f = case.loss_torch
+
+    def func(*ps):
+        return f(*ps, *data)
+
+    if method == "torch_grad":
+        leaves = tuple(t.clone().requires_grad_(True) for t in params)
+        return lambda: torch.autograd.grad(func(*leaves), leaves)
+    if method == "torch_hvp":
+        return lambda: TF.hvp(func, params, v)[1]
+    if method == "torch_vhp":
+        return lambda: TF.vhp(func, params, v)[1]
+    if method == "torch_func":
+        grad = torch.func.grad(lambda ps: func(*ps))
+        return lambda: torch.func.jvp(grad, (params,), (v,))[1]
+    raise ValueError(f"unknown method {method!r}")
+
+
+# ---- normalising results -----------------------------------------------------------------------
+
+
+def as_numpy_dict(result, case: Case) -> dict:
+    """Returns the thunk's result as {param name: float64 numpy array}."""
+    if isinstance(result, dict):
+        return {k: np.asarray(result[k], dtype=np.float64) for k in case.keys}
+    leaves = result if isinstance(result, tuple | list) else (result,)
+    out = {}
+    for k, leaf in zip(case.keys, leaves, strict=True):
+        if hasattr(leaf, "detach"):
+            leaf = leaf.detach().cpu().numpy()
+        out[k] = np.asarray(leaf, dtype=np.float64)
+    return out
+
+
+def rel_err(a: dict, b: dict) -> float:
+    """max |a - b| / max |b| over all leaves."""
+    num = max(float(np.max(np.abs(a[k] - b[k]))) if a[k].size else 0.0 for k in b)
+    den = max(float(np.max(np.abs(b[k]))) if b[k].size else 0.0 for k in b)
+    return num / den if den > 0 else num
+
+
+def synchronize(result, device: str) -> None:
+    """Waits for the result: `jax.block_until_ready`, or a CUDA synchronisation for torch."""
+    if _is_torch(result):
+        if device == "gpu":
+            import torch
+
+            torch.cuda.synchronize()
+        return
+    import jax
+
+    jax.block_until_ready(result)
+
+
+def _is_torch(result) -> bool:
+    leaf = result
+    while isinstance(leaf, tuple | list | dict):
+        if not leaf:
+            return False
+        leaf = next(iter(leaf.values())) if isinstance(leaf, dict) else leaf[0]
+    return type(leaf).__module__.startswith("torch")

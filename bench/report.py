@@ -1,0 +1,152 @@
+"""Writing results: results.json, results.md, a log-log plot, and the summary of the bars."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+
+def fmt_s(s) -> str:
+    if s is None:
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if s >= scale:
+            return f"{s / scale:.3g} {unit}"
+    return f"{s / 1e-9:.3g} ns"
+
+
+def fmt(x, spec=".3g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def write_json(path: str, header: dict, records: list[dict]) -> None:
+    with open(path, "w") as fh:
+        json.dump({"header": header, "records": records}, fh, indent=1)
+
+
+def case_tables(records: list[dict]) -> str:
+    lines = []
+    for case in dict.fromkeys(r["case"] for r in records):
+        rows = [r for r in records if r["case"] == case]
+        lines += [f"### {case} ({rows[0]['n_params']:,} parameters)", "",
+                  "| method | median | spread (IQR) | compile | vs reference | vs grad | rel. err | ok | peak |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            err = r["rel_err"] if r["rel_err_exact"] is None else max(r["rel_err"] or 0, r["rel_err_exact"])
+            ok = "" if r["ok"] is None else ("✓" if r["ok"] else "✗ over tolerance")
+            peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f} MiB"
+            lines.append(f"| {r['method']} | {fmt_s(r['median_s'])} | {fmt_s(r['spread_s'])} | "
+                         f"{fmt_s(r['compile_s'])} | {fmt(r['ratio_vs_reference'], '.3f')} | "
+                         f"{fmt(r['ratio_vs_grad'], '.2f')} | {fmt(err, '.1e')} | {ok} | {peak} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _get(records, case_prefix, method):
+    for r in records:
+        if r["case"].startswith(case_prefix) and r["method"] == method:
+            return r
+    return None
+
+
+def bars(records: list[dict]) -> list[tuple[str, float | None, str, bool | None]]:
+    """The figures the issues ask for: (what, measured, bar, met)."""
+    out = []
+
+    def add(what, value, bar, met):
+        out.append((what, value, bar, met))
+
+    for r in records:
+        if r["method"] == "jhvp_fwd_rev" and r["n_params"] > 1e4:
+            v = r["ratio_vs_reference"]
+            add(f"jhvp fwd_rev / reference, {r['case']}", v, "<= 1.05", v <= 1.05)
+    r = _get(records, "rosenbrock-1e2", "jhvp_fwd_rev")
+    if r:
+        add("jhvp fwd_rev / reference, rosenbrock n=100", r["ratio_vs_reference"], "<= 1.5",
+            r["ratio_vs_reference"] <= 1.5)
+    for case, bar in (("mlp-85k", 1.10), ("rosenbrock-1e2", 2.5)):
+        r = _get(records, case, "compat_hvp")
+        if r:
+            add(f"compat.hvp / reference, {case}", r["ratio_vs_reference"], f"<= {bar}",
+                r["ratio_vs_reference"] <= bar)
+    c, t = _get(records, "mlp-85k", "compat_hvp"), _get(records, "mlp-85k", "torch_hvp")
+    if c and t:
+        v = t["median_s"] / c["median_s"]
+        add("torch.autograd.functional.hvp / compat.hvp, mlp-85k (speed-up)", v, ">= 3", v >= 3)
+    rosen = [r for r in records if r["family"] == "rosenbrock"]
+    largest = max(rosen, key=lambda r: r["n_params"])["case"] if rosen else None
+    for case, bar in (("mlp-1.8M", 0.85), (largest, 1.10)):
+        o, h = _get(records, case or "-", "jhvp_operator"), _get(records, case or "-", "jhvp_fwd_rev")
+        if o and h:
+            v = o["median_s"] / h["median_s"]
+            add(f"HessianOperator apply / fresh jhvp.hvp, {case}", v, f"<= {bar}", v <= bar)
+    bad = [r for r in records if r["ok"] is False]
+    for r in bad:
+        add(f"over tolerance: {r['method']} on {r['case']}", r["rel_err"], f"<= {r['tolerance']}", False)
+    return out
+
+
+def bars_table(records) -> str:
+    lines = ["| figure | measured | bar | met |", "|---|---|---|---|"]
+    for what, value, bar, met in bars(records):
+        lines.append(f"| {what} | {fmt(value, '.3f')} | {bar} | {'yes' if met else 'NO'} |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: str, header: dict, records: list[dict]) -> None:
+    head = "\n".join(f"- {k}: {v}" for k, v in header.items())
+    text = (f"# jhvp benchmark\n\n{head}\n\n## The bars\n\n{bars_table(records)}\n\n"
+            f"## All measurements\n\nMedians of synchronised calls after warm-up; compile = first "
+            f"call (tracing, compilation, set-up); ratios against the hand-written "
+            f"`jax.jit(jax.jvp(jax.grad(f)))` reference and against the framework's own gradient.\n\n"
+            f"{case_tables(records)}")
+    with open(path, "w") as fh:
+        fh.write(text)
+
+
+def plot(path: str, header: dict, records: list[dict]) -> str | None:
+    """Time vs problem size, log-log, a line per method, one panel per problem family."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install -e '.[bench]'): no plot"
+    families = [f for f in dict.fromkeys(r["family"] for r in records)]
+    cols = min(len(families), 2)
+    rows = math.ceil(len(families) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
+    all_methods = list(dict.fromkeys(r["method"] for r in records))
+    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(all_methods)}
+    markers = dict(zip(all_methods, "os^vD<>phX*dP8", strict=False))
+    for ax, fam in zip(axes.flat, families, strict=False):
+        recs = [r for r in records if r["family"] == fam]
+        for method in dict.fromkeys(r["method"] for r in recs):
+            pts = sorted((r["n_params"], r["median_s"]) for r in recs if r["method"] == method)
+            style = "--" if method.startswith("torch") else "-"
+            ax.plot(*zip(*pts, strict=True), style, marker=markers.get(method, "o"),
+                    color=colors[method], label=method)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(fam)
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("median time per call [s]")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(families):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"H·v on {header.get('device_kind', header.get('device'))}, {header.get('dtype')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def write_all(out_dir: str, header: dict, records: list[dict]) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, "results.json"), header, records)
+    write_markdown(os.path.join(out_dir, "results.md"), header, records)
+    note = plot(os.path.join(out_dir, "results.png"), header, records)
+    return [note] if note else []
