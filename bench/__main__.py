@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     def progress(case, method, stage):
         if stage == "compile":
             done[0] += 1
-        elif not stage.startswith("round") or method != methods[0]:
+        elif not stage.startswith("round"):
             return
         elapsed = time.perf_counter() - start
         eta = elapsed / max(done[0], 1) * (units - done[0])

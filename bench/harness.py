@@ -58,14 +58,19 @@ def run_case(case: Case, methods: list[str], device: str, dtype: str, budget: Bu
         outputs[name] = M.as_numpy_dict(result, case)
         records[name] = {"compile_s": compile_s, "samples": []}
 
-    # Interleaved rounds: k calls of each method per round, k sized to the budget.
+    # Interleaved rounds. Each method gets k calls per round, k sized to the budget, and the calls
+    # of all methods are spread evenly through the round (call-level round robin), so a burst of
+    # load from a neighbour falls on every method in proportion, not on one of them.
+    per_round = budget.seconds_per_method / budget.rounds
+    quota = {name: int(min(budget.max_calls_per_round, max(1, per_round / max(est, 1e-7))))
+             for name, (_, est) in thunks.items()}
+    schedule = sorted(((i + 0.5) / k, j, name) for j, (name, k) in enumerate(quota.items())
+                      for i in range(k))
     for r in range(budget.rounds):
-        for name, (thunk, estimate) in thunks.items():
-            if progress:
-                progress(case, name, f"round {r + 1}/{budget.rounds}")
-            per_round = budget.seconds_per_method / budget.rounds
-            k = int(min(budget.max_calls_per_round, max(1, per_round / max(estimate, 1e-7))))
-            records[name]["samples"] += [_timed(thunk, device) for _ in range(k)]
+        if progress and thunks:
+            progress(case, next(iter(thunks)), f"round {r + 1}/{budget.rounds}")
+        for _, _, name in schedule:
+            records[name]["samples"].append(_timed(thunks[name][0], device))
 
     reference = outputs.get("reference")
     exact = case.exact_hvp(case.params, case.tangent) if case.exact_hvp else None

@@ -194,7 +194,7 @@ def _detach(tree, create_graph: bool):
     return tree if create_graph else jax.lax.stop_gradient(tree)
 
 
-def _scalar_loss(func, fn_name):
+def _scalar_loss(func):
     def loss(*xs):
         return jnp.reshape(func(*xs), ())
 
@@ -213,7 +213,7 @@ def _check_scalar_output(is_tuple: bool, outs: tuple, fn_name: str) -> None:
 
 def _check_jacobian_strict(func, inputs, out_deps) -> list[frozenset]:
     """hvp/vhp: the gradient must exist for every input and depend on the inputs."""
-    loss = _scalar_loss(func, "")
+    loss = _scalar_loss(func)
     jac_deps = _deps(lambda *xs: jax.grad(loss, argnums=tuple(range(len(xs))))(*xs), *inputs)
     for i in range(len(inputs)):
         if i not in out_deps:
@@ -229,6 +229,20 @@ def _check_depends_on_inputs(fun, inputs, vs, message) -> None:
     for i, d in enumerate(deps):
         if 0 not in d:
             raise RuntimeError(message.format(i=i))
+
+
+def _check_first_order_strict(out_deps, product, inputs, v, create_graph) -> None:
+    """jvp/vjp: every input must reach some output; with create_graph, J must vary with it."""
+    connected = frozenset().union(*out_deps)
+    for i in range(len(inputs)):
+        if i not in connected:
+            raise RuntimeError(_STRICT_INDEPENDENT.format(i=i))
+    if create_graph:
+        _check_depends_on_inputs(product, inputs, v, _STRICT_CG_JAC)
+
+
+def _cast_like(v: tuple, refs: tuple) -> tuple:
+    return tuple(jnp.asarray(t, jnp.result_type(r)) for t, r in zip(v, refs, strict=True))
 
 
 def _post(res: tuple, is_tuple: bool):
@@ -248,8 +262,8 @@ def _hvp_like(get_f, fn_name: str, is_inputs_tuple: bool, create_graph: bool, st
         _check_scalar_output(is_out_tuple, outs, fn_name)
         if v is None:
             v = (jnp.ones_like(inputs[0]),)
-        v = tuple(jnp.asarray(t, jnp.result_type(x)) for t, x in zip(v, inputs, strict=True))
-        loss = _scalar_loss(func, fn_name)
+        v = _cast_like(v, inputs)
+        loss = _scalar_loss(func)
         nums = tuple(range(len(inputs)))
 
         def product(xs, vs):
@@ -287,19 +301,14 @@ def _jvp_impl(get_f, is_inputs_tuple: bool, create_graph: bool, strict: bool):
         is_out_tuple, outs = _call(func, inputs, "jvp")
         if v is None:
             v = (jnp.ones_like(inputs[0]),)
-        v = tuple(jnp.asarray(t, jnp.result_type(x)) for t, x in zip(v, inputs, strict=True))
+        v = _cast_like(v, inputs)
 
         def push(xs, vs):
             return jax.jvp(lambda *z: _call(func, z, "jvp")[1], xs, vs)[1]
 
         if strict:
             out_deps = _check_outputs_strict(func, inputs, len(outs))
-            connected = frozenset().union(*out_deps)
-            for i in range(len(inputs)):
-                if i not in connected:
-                    raise RuntimeError(_STRICT_INDEPENDENT.format(i=i))
-            if create_graph:
-                _check_depends_on_inputs(push, inputs, v, _STRICT_CG_JAC)
+            _check_first_order_strict(out_deps, push, inputs, v, create_graph)
         jv = push(inputs, v)
         return _detach((_post(outs, is_out_tuple), _post(tuple(jv), is_out_tuple)), create_graph)
 
@@ -314,7 +323,7 @@ def _vjp_impl(get_f, is_inputs_tuple: bool, create_graph: bool, strict: bool):
         # torch checks v against the outputs, after func has run.
         if v is not None:
             _validate_v(v, [jnp.shape(o) for o in outs], is_out_tuple)
-            v = tuple(jnp.asarray(t, jnp.result_type(o)) for t, o in zip(v, outs, strict=True))
+            v = _cast_like(v, outs)
         elif len(outs) != 1 or np.size(outs[0]) != 1:
             raise RuntimeError(_V_NONE_OUTPUT)
         else:
@@ -325,12 +334,7 @@ def _vjp_impl(get_f, is_inputs_tuple: bool, create_graph: bool, strict: bool):
             return pullback(vs)
 
         if strict:
-            connected = frozenset().union(*out_deps)
-            for i in range(len(inputs)):
-                if i not in connected:
-                    raise RuntimeError(_STRICT_INDEPENDENT.format(i=i))
-            if create_graph:
-                _check_depends_on_inputs(pull, inputs, v, _STRICT_CG_JAC)
+            _check_first_order_strict(out_deps, pull, inputs, v, create_graph)
         vj = pull(inputs, v)
         return _detach((_post(outs, is_out_tuple), _post(tuple(vj), is_inputs_tuple)), create_graph)
 

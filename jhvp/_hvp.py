@@ -195,6 +195,16 @@ def hvp(f, primals, tangents, *, argnums=0, has_aux=False, mode="fwd_rev"):
     return compiled(f, "hvp", len(primals), argnums, has_aux, mode)(primals, tangents)
 
 
+@overload
+def vhp(
+    f: Callable, primals: Sequence[Any], cotangents: PyTree, *,
+    argnums: int | Sequence[int] = 0, has_aux: Literal[False] = False,
+) -> PyTree: ...
+@overload
+def vhp(
+    f: Callable, primals: Sequence[Any], cotangents: PyTree, *,
+    argnums: int | Sequence[int] = 0, has_aux: Literal[True],
+) -> tuple[PyTree, Any]: ...
 def vhp(f, primals, cotangents, *, argnums=0, has_aux=False):
     """Computes vᵀH where H = ∇²f(primals), by reverse-over-reverse differentiation.
 
@@ -227,6 +237,16 @@ def vhp(f, primals, cotangents, *, argnums=0, has_aux=False):
     return compiled(f, "vhp", len(primals), argnums, has_aux, "rev_rev")(primals, cotangents)
 
 
+@overload
+def value_grad_hvp(
+    f: Callable, primals: Sequence[Any], tangents: PyTree, *,
+    argnums: int | Sequence[int] = 0, has_aux: Literal[False] = False,
+) -> tuple[jax.Array, PyTree, PyTree]: ...
+@overload
+def value_grad_hvp(
+    f: Callable, primals: Sequence[Any], tangents: PyTree, *,
+    argnums: int | Sequence[int] = 0, has_aux: Literal[True],
+) -> tuple[tuple[jax.Array, Any], PyTree, PyTree]: ...
 def value_grad_hvp(f, primals, tangents, *, argnums=0, has_aux=False):
     """Computes f(primals), ∇f(primals) and H·v together, in one forward-over-reverse pass.
 

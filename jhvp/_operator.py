@@ -23,17 +23,29 @@ class HessianOperator:
     residuals (`jax.linearize` of the gradient). Each application then runs only the linear
     tangent pass: cheaper than a fresh `hvp` when many vectors are applied at one point (Krylov
     and CG solvers, Lanczos, power iteration), at the price of holding the residuals in memory,
-    about what one reverse pass stores. When every vector is known up front, `jax.vmap` of `hvp`
-    over a stack of tangents needs no stored residuals.
+    about what one reverse pass stores. For memory-bound f, where reading residuals costs more
+    than recomputing them, it keeps the primals instead and each application is a fresh
+    forward-over-reverse pass (see `hessian_operator`'s `strategy`). When every vector is known
+    up front, `jax.vmap` of `hvp` over a stack of tangents needs no stored residuals.
 
-    The operator is a pytree whose leaves are the value, the gradient, aux and the residuals, so it
-    can be passed into a jitted function as an argument (closing over it instead would bake the
-    residuals into the executable as constants). It composes with `jax.vmap` over tangents.
+    The operator is a pytree whose leaves are the value, the gradient, aux and the stored arrays,
+    so it can be passed into a jitted function as an argument (closing over it instead would bake
+    the arrays into the executable as constants). It composes with `jax.vmap` over tangents. It
+    does not keep f alive: what it applies is a traced program, not f.
 
     Attributes:
         value: f(primals).
         grad: ∇f(primals), with the structure of the differentiated primals.
         aux: f's auxiliary output when built with `has_aux=True`, else None.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, jhvp
+        >>> op = jhvp.hessian_operator(lambda x: jnp.sum(jnp.sin(x)), (jnp.full(3, jnp.pi / 2),))
+        >>> op.shape
+        (3, 3)
+        >>> step = jax.jit(lambda op, v: op @ v)  # the operator is an argument, not a constant
+        >>> print(step(op, jnp.ones(3)))  # H = diag(-sin x)
+        [-1. -1. -1.]
     """
 
     def __init__(self, value, grad, aux, apply: Callable, single: bool):
