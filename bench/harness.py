@@ -58,19 +58,29 @@ def run_case(case: Case, methods: list[str], device: str, dtype: str, budget: Bu
         outputs[name] = M.as_numpy_dict(result, case)
         records[name] = {"compile_s": compile_s, "samples": []}
 
-    # Interleaved rounds. Each method gets k calls per round, k sized to the budget, and the calls
-    # of all methods are spread evenly through the round (call-level round robin), so a burst of
-    # load from a neighbour falls on every method in proportion, not on one of them.
+    # Interleaved rounds. Each method gets k calls per round, k sized to the budget, and within a
+    # framework the calls of its methods are spread evenly through the round (call-level round
+    # robin), so a burst of load from a neighbour falls on every method in proportion. The two
+    # frameworks take turns in blocks, each opened by an untimed call: torch's OpenMP workers
+    # spin-wait after each parallel region and would slow whichever JAX call came next (measured
+    # 8x on a 2-core machine), and XLA's thread pool would do the same to torch.
     per_round = budget.seconds_per_method / budget.rounds
     quota = {name: int(min(budget.max_calls_per_round, max(1, per_round / max(est, 1e-7))))
              for name, (_, est) in thunks.items()}
-    schedule = sorted(((i + 0.5) / k, j, name) for j, (name, k) in enumerate(quota.items())
-                      for i in range(k))
+    blocks = []
+    for framework in ("jax", "torch"):
+        names = [n for n in quota if n.startswith("torch") == (framework == "torch")]
+        schedule = sorted(((i + 0.5) / quota[n], j, n) for j, n in enumerate(names)
+                          for i in range(quota[n]))
+        if schedule:
+            blocks.append([n for _, _, n in schedule])
     for r in range(budget.rounds):
         if progress and thunks:
             progress(case, next(iter(thunks)), f"round {r + 1}/{budget.rounds}")
-        for _, _, name in schedule:
-            records[name]["samples"].append(_timed(thunks[name][0], device))
+        for block in blocks:
+            M.synchronize(thunks[block[0]][0](), device)  # untimed: settle the thread pools
+            for name in block:
+                records[name]["samples"].append(_timed(thunks[name][0], device))
 
     reference = outputs.get("reference")
     exact = case.exact_hvp(case.params, case.tangent) if case.exact_hvp else None
