@@ -22,7 +22,7 @@ def parse(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the small suite (README's main job)")
-    ap.add_argument("--suite", choices=["quick", "full", "tiny"], default=None,
+    ap.add_argument("--suite", choices=["quick", "full", "tiny", "batch"], default=None,
                     help="case suite (default: full, or quick with --quick)")
     ap.add_argument("--out", default=os.path.join("bench", "results"), help="output directory")
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
@@ -174,7 +174,8 @@ def main(argv=None) -> int:
     from . import harness, report
 
     cases, methods = select(args)
-    budget = {"quick": harness.QUICK, "full": harness.FULL, "tiny": harness.TINY}[args.suite]
+    budget = {"quick": harness.QUICK, "full": harness.FULL, "tiny": harness.TINY,
+              "batch": harness.FULL}[args.suite]
     if args.rounds or args.seconds:
         budget = harness.Budget(args.rounds or budget.rounds, args.seconds or budget.seconds_per_method)
     head = header(args)

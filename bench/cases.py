@@ -207,7 +207,10 @@ def logreg(m: int, d: int, dtype) -> Case:
 
 
 def suite(kind: str, dtype, device: str) -> list[Case]:
-    """The case list for `--quick`, the default full run, or `tiny` (the tests' smoke run)."""
+    """The case list for `--quick`, the default full run, `tiny` (the tests' smoke run) or
+    `batch` (the ~85k MLP at several batch sizes: how the comparison with torch depends on it)."""
+    if kind == "batch":
+        return [mlp((64, 256, 256, 10), b, dtype, f"85k-b{b}") for b in (8, 32, 128, 512)]
     if kind == "tiny":
         return [rosenbrock(100, dtype), logreg(64, 16, dtype), mlp((8, 16, 4), 8, dtype, "tiny")]
     cases = [rosenbrock(100, dtype), rosenbrock(10_000, dtype), rosenbrock(1_000_000, dtype)]

@@ -43,9 +43,9 @@ def case_tables(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _get(records, case_prefix, method):
+def _get(records, case, method):
     for r in records:
-        if r["case"].startswith(case_prefix) and r["method"] == method:
+        if r["case"] == case and r["method"] == method:
             return r
     return None
 
