@@ -181,6 +181,9 @@ def main(argv=None) -> int:
     head = header(args)
     print(f"jhvp bench: {len(cases)} cases × {len(methods)} methods on {head['device_kind']} "
           f"({args.dtype}); jax {head['jax']}, torch {head['torch']}", flush=True)
+    if head["torch"] == "not installed":
+        print("note: torch is not installed, so the torch methods are left out "
+              "(pip install torch to compare against torch.autograd.functional)", flush=True)
     start = time.perf_counter()
     units, done = len(cases) * len(methods), [0]
 
