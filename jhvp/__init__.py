@@ -3,6 +3,14 @@
 Forward-over-reverse (`jax.jvp` of `jax.grad`), over any pytree of parameters, jit-compiled and
 cached, composable with `jax.jit`, `jax.vmap` and sharded inputs. `jhvp.compat` mirrors
 `torch.autograd.functional`.
+
+Examples:
+    >>> import jax, jax.numpy as jnp, jhvp
+    >>> f = lambda w, x: jnp.sum(jnp.tanh(x @ w) ** 2)  # w differentiated, x data
+    >>> w, x = jnp.ones(3), jnp.eye(3)
+    >>> hv = jhvp.hvp(f, (w, x), jnp.array([1.0, 0.0, 0.0]))
+    >>> bool(jnp.allclose(hv, jax.hessian(f)(w, x)[:, 0]))
+    True
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -82,6 +82,14 @@ class HessianOperator:
 
         For small problems and tests only: it costs n Hessian-vector products (batched with
         `jax.vmap`, so n tangent passes at once) and n² memory.
+
+        Examples:
+            >>> import jax.numpy as jnp, jhvp
+            >>> op = jhvp.hessian_operator(lambda p: p["a"] ** 2 * p["b"],
+            ...                            ({"a": jnp.array(1.0), "b": jnp.array(3.0)},))
+            >>> print(op.as_matrix())  # order: "a", "b"
+            [[6. 2.]
+             [2. 0.]]
         """
         flat, _ = ravel_pytree(self.grad)
         basis = jnp.eye(flat.size, dtype=flat.dtype)

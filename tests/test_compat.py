@@ -156,3 +156,11 @@ def test_same_func_same_shapes_is_not_traced_again():
     m = len(calls)
     compat.jacobian(f, x4 + 2)
     assert len(calls) == m and m > n
+
+
+def test_inside_a_user_jit_and_vmap():
+    step = jax.jit(lambda x, v: compat.hvp(rosenbrock, x, v)[1])
+    tree_allclose(step(x4, v4), jax.hessian(rosenbrock)(x4) @ v4)
+    V = jnp.stack([v4, 2 * v4])
+    got = jax.vmap(lambda v: compat.vhp(rosenbrock, x4, v)[1])(V)
+    tree_allclose(got, V @ jax.hessian(rosenbrock)(x4))
