@@ -103,9 +103,10 @@ def select(args):
             sys.exit(f"no case matches {args.cases}; see bench/cases.py")
     methods = list(M.JAX_METHODS) + (list(M.TORCH_METHODS) if M.torch_available() else [])
     if args.methods:
-        unknown = set(args.methods) - set(M.JAX_METHODS) - set(M.TORCH_METHODS)
+        known = M.JAX_METHODS + M.TORCH_METHODS + M.EXTRA_METHODS
+        unknown = set(args.methods) - set(known)
         if unknown:
-            sys.exit(f"unknown methods {sorted(unknown)}; known: {M.JAX_METHODS + M.TORCH_METHODS}")
+            sys.exit(f"unknown methods {sorted(unknown)}; known: {known}")
         methods = ["reference"] + [m for m in args.methods if m != "reference"]
     return cases, methods
 

@@ -17,6 +17,8 @@ from .cases import Case
 JAX_METHODS = ["jax_grad", "reference", "jhvp_fwd_rev", "jhvp_rev_rev", "jhvp_rev_fwd",
                "jhvp_operator", "compat_hvp", "dense", "finite_diff"]
 TORCH_METHODS = ["torch_grad", "torch_hvp", "torch_vhp", "torch_func"]
+# Asked for by name only (--methods): the operator with its storage strategy forced.
+EXTRA_METHODS = ["jhvp_operator_linearize", "jhvp_operator_recompute"]
 GRAD_METHODS = {"jax_grad", "torch_grad"}  # the cost units, not H·v
 
 
@@ -59,11 +61,12 @@ def _build_jax(method: str, case: Case):
         # The hand-written baseline every ratio is measured against.
         ref = jax.jit(lambda p, v, *data: jax.jvp(lambda q: jax.grad(f)(q, *data), (p,), (v,))[1])
         return lambda: ref(p, v, *data)
-    if method.startswith("jhvp_") and method != "jhvp_operator":
+    if method.startswith("jhvp_") and not method.startswith("jhvp_operator"):
         mode = method[len("jhvp_"):]
         return lambda: jhvp.hvp(f, (p, *data), v, mode=mode)
-    if method == "jhvp_operator":
-        op = jhvp.hessian_operator(f, (p, *data))
+    if method.startswith("jhvp_operator"):
+        strategy = method[len("jhvp_operator_"):] or "auto"
+        op = jhvp.hessian_operator(f, (p, *data), strategy=strategy)
         return lambda: op(v)
     if method == "compat_hvp":
         keys = case.keys
