@@ -45,20 +45,19 @@ class Case:
         return f"{self.api}-{self.name}"
 
 
-def to_torch(x):
+def _convert(x, make):
+    """Numpy arrays become `make(x)`, inside tuples too; anything else (bad input) stays as is."""
     if isinstance(x, tuple):
-        return tuple(to_torch(e) for e in x)
-    if isinstance(x, np.ndarray):
-        return torch.tensor(x)
-    return x
+        return tuple(_convert(e, make) for e in x)
+    return make(x) if isinstance(x, np.ndarray) else x
+
+
+def to_torch(x):
+    return _convert(x, torch.tensor)
 
 
 def to_jax(x):
-    if isinstance(x, tuple):
-        return tuple(to_jax(e) for e in x)
-    if isinstance(x, np.ndarray):
-        return jnp.asarray(x)
-    return x
+    return _convert(x, jnp.asarray)
 
 
 def run(api, fn, inputs, v, kwargs, convert):
