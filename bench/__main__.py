@@ -42,6 +42,11 @@ def parse(argv=None):
 def configure(args) -> None:
     # Before jax is imported: the platform and the float width are process-wide settings.
     os.environ["JAX_PLATFORMS"] = "cuda" if args.device == "gpu" else "cpu"
+    if args.device == "gpu":
+        # The same maths as torch: IEEE float32 matrix products (JAX's GPU default would use
+        # TF32, torch's does not), and no preallocation, so torch shares the card fairly.
+        os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     if args.dtype == "float64":
         os.environ["JAX_ENABLE_X64"] = "1"
 
@@ -85,6 +90,8 @@ def header(args) -> dict:
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
         "torch": torch_version,
+        "matmul_precision": ("float32 (JAX 'highest', torch allow_tf32=False)"
+                             if args.device == "gpu" else "float32"),
         "jhvp": jhvp_version,
     }
 
@@ -204,6 +211,7 @@ def main(argv=None) -> int:
         if args.memory:
             measure_memory(args, case, recs)
         records += recs
+        report.write_all(args.out, head, records, plot=False)  # a run cut short keeps its cases
         ref = next((r for r in recs if r["method"] == "reference"), None)
         print(f"{case.name}: " + ", ".join(
             f"{r['method']} {report.fmt_s(r['median_s'])}"

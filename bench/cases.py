@@ -208,7 +208,8 @@ def logreg(m: int, d: int, dtype) -> Case:
 
 def suite(kind: str, dtype, device: str) -> list[Case]:
     """The case list for `--quick`, the default full run, `tiny` (the tests' smoke run) or
-    `batch` (the ~85k MLP at several batch sizes: how the comparison with torch depends on it)."""
+    `batch` (the ~85k MLP at several batch sizes: how the comparison with torch depends on it).
+    The full suite on a GPU adds a 5·10⁷-element Rosenbrock."""
     if kind == "batch":
         return [mlp((64, 256, 256, 10), b, dtype, f"85k-b{b}") for b in (8, 32, 128, 512)]
     if kind == "tiny":
@@ -216,6 +217,8 @@ def suite(kind: str, dtype, device: str) -> list[Case]:
     cases = [rosenbrock(100, dtype), rosenbrock(10_000, dtype), rosenbrock(1_000_000, dtype)]
     if kind == "full":
         cases.append(rosenbrock(10_000_000, dtype))
+    if kind == "full" and device == "gpu":
+        cases.append(rosenbrock(50_000_000, dtype))  # sized for a GPU's bandwidth
     cases += [
         mlp((64, 256, 256, 10), 128, dtype, "85k"),
         mlp((512, 1024, 1024, 256), 256, dtype, "1.8M"),

@@ -118,6 +118,8 @@ def _build_torch(method: str, case: Case, device: str):
     import torch.autograd.functional as TF
 
     dev = "cuda" if device == "gpu" else "cpu"
+    if device == "gpu":
+        torch.backends.cuda.matmul.allow_tf32 = False  # torch's default, stated: IEEE float32
     keys = case.keys
     params = tuple(torch.tensor(case.params[k], device=dev) for k in keys)
     v = tuple(torch.tensor(case.tangent[k], device=dev) for k in keys)
