@@ -5,6 +5,8 @@ Examples:
     python -m bench --out bench/results-full     # the full CPU run (bench/RESULTS.md)
     python -m bench --device gpu --quick         # on a CUDA machine
     python -m bench --cases mlp-85k --methods reference jhvp_fwd_rev compat_hvp torch_hvp
+    python -m bench --cases mlp-85k --methods compat_hvp torch_hvp --repeat 10  # the spread
+    python -m bench.report DIR [DIR ...]         # re-render (and merge) saved runs
 """
 
 from __future__ import annotations
@@ -33,9 +35,16 @@ def parse(argv=None):
                     help="measure peak memory, one subprocess per (case, method)")
     ap.add_argument("--rounds", type=int, default=None, help="override the interleaved rounds")
     ap.add_argument("--seconds", type=float, default=None, help="override seconds per method")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measure everything N times over, one after another; writes each "
+                         "repeat's figures and their spread to repeats.md")
     ap.add_argument("--worker", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.suite = args.suite or ("quick" if args.quick else "full")
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
+    if args.repeat > 1 and args.memory:
+        ap.error("--repeat measures time; run --memory on its own")
     return args
 
 
@@ -206,17 +215,28 @@ def main(argv=None) -> int:
               f"elapsed {elapsed:6.1f}s  ETA ~{eta:5.0f}s", flush=True)
 
     records = []
-    for case in cases:
-        recs = harness.run_case(case, methods, args.device, args.dtype, budget, progress)
-        if args.memory:
-            measure_memory(args, case, recs)
-        records += recs
-        report.write_all(args.out, head, records, plot=False)  # a run cut short keeps its cases
+    units *= args.repeat
+    for repeat in range(args.repeat):
+        for case in cases:
+            recs = harness.run_case(case, methods, args.device, args.dtype, budget, progress)
+            if args.memory:
+                measure_memory(args, case, recs)
+            for r in recs:
+                r["repeat"] = repeat
+            records += recs
+            if args.repeat == 1:  # a run cut short keeps its cases
+                report.write_all(args.out, head, records, plot=False)
+            else:
+                report.write_repeats(args.out, head, records)
         ref = next((r for r in recs if r["method"] == "reference"), None)
         print(f"{case.name}: " + ", ".join(
             f"{r['method']} {report.fmt_s(r['median_s'])}"
             + (f" ({r['ratio_vs_reference']:.2f}x)" if ref else "") for r in recs), flush=True)
     head["wall_s"] = round(time.perf_counter() - start, 1)
+    if args.repeat > 1:
+        print("\n" + report.write_repeats(args.out, head, records))
+        print(f"\nwrote {args.out}/results.json, repeats.md in {head['wall_s']} s")
+        return 0
     notes = report.write_all(args.out, head, records)
     print("\n" + report.bars_table(records))
     for n in notes:

@@ -1,4 +1,9 @@
-"""Writing results: results.json, results.md, a log-log plot, and the summary of the bars."""
+"""Writing results: results.json, results.md, a log-log plot, and the summary of the bars.
+
+`python -m bench.report DIR [DIR ...]` renders DIR/results.md and DIR/results.png again from
+DIR/results.json; with several DIRs, it merges their records (runs of other cases on the same
+machine) into the first, keeping each run's command in the header.
+"""
 
 from __future__ import annotations
 
@@ -103,6 +108,56 @@ def bars_table(records) -> str:
     return "\n".join(lines)
 
 
+def repeats_table(records: list[dict]) -> str:
+    """Each bar's figure in every repeat of a `--repeat` run, with their median and range."""
+    import statistics
+
+    by_repeat = {}
+    for r in records:
+        by_repeat.setdefault(r.get("repeat", 0), []).append(r)
+    rows: dict[str, list] = {}
+    for i, recs in sorted(by_repeat.items()):
+        figures = [(what, value, bar) for what, value, bar, _ in bars(recs)]
+        # For context, no bar: each framework's lead where both were timed.
+        for case in dict.fromkeys(r["case"] for r in recs):
+            for a, b, what in (("torch_hvp", "reference", "torch hvp / hand-written JAX reference"),
+                               ("torch_grad", "jax_grad", "torch gradient / JAX gradient")):
+                ra, rb = _get(recs, case, a), _get(recs, case, b)
+                if ra and rb:
+                    figures.append((f"{what}, {case}", ra["median_s"] / rb["median_s"], "-"))
+        for what, value, bar in figures:
+            rows.setdefault((what, bar), [None] * len(by_repeat))[i] = value
+    n = len(by_repeat)
+    lines = ["| figure | bar | " + " | ".join(f"#{i + 1}" for i in range(n))
+             + " | median | min | max | runs meeting the bar |",
+             "|---|---|" + "---|" * n + "---|---|---|---|"]
+    for (what, bar), values in rows.items():
+        got = [v for v in values if v is not None]
+        if not got:
+            continue
+        op, limit = (bar.split() + ["-"])[:2]
+        meets = sum((v >= float(limit)) if op == ">=" else (v <= float(limit)) for v in got) \
+            if limit.replace(".", "", 1).isdigit() else None
+        lines.append(f"| {what} | {bar} | " + " | ".join(fmt(v, ".2f") for v in values)
+                     + f" | {statistics.median(got):.2f} | {min(got):.2f} | {max(got):.2f} | "
+                     + ("-" if meets is None else f"{meets} of {len(got)}") + " |")
+    return "\n".join(lines)
+
+
+def write_repeats(out_dir: str, header: dict, records: list[dict]) -> str:
+    """Writes results.json (every record, tagged with its repeat) and repeats.md."""
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, "results.json"), header, records)
+    table = repeats_table(records)
+    head = "\n".join(f"- {k}: {v}" for k, v in header.items())
+    with open(os.path.join(out_dir, "repeats.md"), "w") as fh:
+        fh.write(f"# jhvp benchmark, repeated\n\n{head}\n\nThe same measurement made "
+                 f"{1 + max(r.get('repeat', 0) for r in records)} times in a row, each with "
+                 f"its own interleaved rounds; every figure is a ratio of medians within one "
+                 f"repeat.\n\n{table}\n")
+    return table
+
+
 def write_markdown(path: str, header: dict, records: list[dict]) -> None:
     head = "\n".join(f"- {k}: {v}" for k, v in header.items())
     text = (f"# jhvp benchmark\n\n{head}\n\n## The bars\n\n{bars_table(records)}\n\n"
@@ -159,3 +214,28 @@ def write_all(out_dir: str, header: dict, records: list[dict], plot: bool = True
     write_markdown(os.path.join(out_dir, "results.md"), header, records)
     note = plot_results(os.path.join(out_dir, "results.png"), header, records) if plot else None
     return [note] if note else []
+
+
+def main(argv: list[str]) -> int:
+    """Re-renders (and merges) saved runs; see the module docstring."""
+    if not argv:
+        print(__doc__)
+        return 2
+    runs = []
+    for d in argv:
+        with open(os.path.join(d, "results.json")) as fh:
+            runs.append(json.load(fh))
+    header, records = dict(runs[0]["header"]), list(runs[0]["records"])
+    for i, run in enumerate(runs[1:], start=2):
+        header[f"command ({i})"] = run["header"]["command"]
+        records += [r for r in run["records"] if _get(records, r["case"], r["method"]) is None]
+    for n in write_all(argv[0], header, records):
+        print("note:", n)
+    print(bars_table(records))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -70,3 +70,56 @@ def test_unknown_method_is_refused():
     proc = subprocess.run([sys.executable, "-m", "bench", "--suite", "tiny", "--methods", "magic"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "unknown methods ['magic']" in proc.stderr
+
+
+def test_repeat_reports_each_repeats_ratio(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    dtype = "float64" if X64 else "float32"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--suite", "tiny", "--dtype", dtype,
+                           "--cases", "rosenbrock-1e2", "--methods", "compat_hvp", "--repeat", "2",
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert sorted((r["repeat"], r["method"]) for r in records) == [
+        (0, "compat_hvp"), (0, "reference"), (1, "compat_hvp"), (1, "reference")]
+    med = {(r["repeat"], r["method"]): r["median_s"] for r in records}
+    ratios = [med[(i, "compat_hvp")] / med[(i, "reference")] for i in (0, 1)]
+    row = next(line for line in (tmp_path / "repeats.md").read_text().splitlines()
+               if line.startswith("| compat.hvp / reference, rosenbrock-1e2 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:4] == [f"{v:.2f}" for v in ratios]
+    assert cells[5:7] == [f"{min(ratios):.2f}", f"{max(ratios):.2f}"]
+    assert cells[7] == f"{sum(v <= 2.5 for v in ratios)} of 2"
+
+
+def test_report_rerenders_and_merges_saved_runs(tiny_run, tmp_path):
+    results = tiny_run[0]
+    first, second = tmp_path / "a", tmp_path / "b"
+    for d, keep in ((first, "rosenbrock-1e2"), (second, None)):
+        d.mkdir()
+        recs = [r for r in results["records"] if (r["case"] == keep) == (keep is not None)]
+        header = dict(results["header"], command=f"run {d.name}")
+        (d / "results.json").write_text(json.dumps({"header": header, "records": recs}))
+    proc = subprocess.run([sys.executable, "-m", "bench.report", str(first), str(second)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads((first / "results.json").read_text())
+    assert merged["header"]["command (2)"] == "run b"
+    assert len(merged["records"]) == len(results["records"])
+    text = (first / "results.md").read_text()
+    assert all(f"### {c} (" in text for c in {r["case"] for r in results["records"]})
+    assert (first / "results.png").stat().st_size > 10_000
+
+
+def test_dot_threads_times_each_product_on_one_core_and_all():
+    pytest.importorskip("torch", reason="bench.dot_threads compares against torch's products")
+    proc = subprocess.run([sys.executable, "-m", "bench.dot_threads"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| h", "| d"))]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "h @ W (forward)", "d @ W.T (backward, input)", "h.T @ d (backward, weight)"]
+    for row in rows:
+        times = [float(c.split()[0]) for c in row.strip("|").split("|")[1:]]
+        assert len(times) == 4 and all(t > 0 for t in times)
