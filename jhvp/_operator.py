@@ -215,7 +215,10 @@ def hessian_operator(
     primals, measured up to 4x slower. With `strategy="auto"` the operator asks XLA's cost model
     (flops and bytes of both compiled programs, once per input shape) which is cheaper and, for
     memory-bound f, keeps only the primals and runs a fresh forward-over-reverse pass per
-    application.
+    application. The cost model counts arithmetic and memory traffic, not kernel launches: on a
+    GPU, problems small enough that a call is mostly launch overhead were measured up to 1.4x
+    slower with stored residuals (an H100: a 500-parameter logistic regression, a 49k-parameter
+    transformer block; `bench/RESULTS.md`), so pass `strategy="recompute"` there.
 
     Args:
         f: A function returning a real scalar (or `(scalar, aux)` with `has_aux=True`).
