@@ -77,6 +77,18 @@ class HessianOperator:
         n = sum(jnp.size(leaf) for leaf in jax.tree.leaves(self.grad))
         return (n, n)
 
+    def in_structure(self) -> PyTree:
+        """Returns the structure of the vectors it applies to: `jax.ShapeDtypeStruct` leaves.
+
+        Examples:
+            >>> import jax.numpy as jnp, jhvp
+            >>> op = jhvp.hessian_operator(lambda x: jnp.sum(x ** 4), (jnp.ones(3),))
+            >>> op.in_structure()
+            ShapeDtypeStruct(shape=(3,), dtype=float32)
+        """
+        return jax.tree.map(lambda g: jax.ShapeDtypeStruct(jnp.shape(g), jnp.result_type(g)),
+                            self.grad)
+
     def as_matrix(self) -> jax.Array:
         """Returns the dense n×n Hessian, parameters ordered as `jax.flatten_util.ravel_pytree`.
 
