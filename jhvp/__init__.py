@@ -13,7 +13,7 @@ Examples:
     True
 """
 
-from importlib.metadata import PackageNotFoundError, version
+import importlib.metadata as _metadata
 
 from ._hvp import hvp as hvp
 from ._hvp import value_grad_hvp as value_grad_hvp
@@ -22,8 +22,9 @@ from ._operator import HessianOperator as HessianOperator
 from ._operator import hessian_operator as hessian_operator
 
 try:
-    __version__ = version("jhvp")
-except PackageNotFoundError:  # imported from a source tree that was not installed
+    __version__ = _metadata.version("jhvp")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was not installed
     __version__ = "0+unknown"
+del _metadata
 
 __all__ = ["HessianOperator", "hessian_operator", "hvp", "value_grad_hvp", "vhp"]

@@ -59,6 +59,10 @@ def check_argnums(argnums: Any, n_primals: int, api: str) -> tuple[int, ...]:
         raise ValueError(f"jhvp.{api}: `argnums` must name at least one argument, got {argnums!r}.")
     normalised = []
     for a in items:
+        if isinstance(a, bool | np.bool_):
+            raise TypeError(
+                f"jhvp.{api}: `argnums` must be an int or a tuple of ints, got {argnums!r}."
+            )
         try:
             a = operator.index(a)
         except TypeError:
@@ -76,18 +80,29 @@ def check_argnums(argnums: Any, n_primals: int, api: str) -> tuple[int, ...]:
     return tuple(normalised)
 
 
-def check_differentiable(diff_primals: tuple, argnums: tuple[int, ...], api: str) -> None:
-    """Raises TypeError if a differentiated primal has a leaf of integer or boolean dtype."""
-    for i, tree in zip(argnums, diff_primals, strict=True):
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            dtype = jnp.result_type(leaf)
-            if not jnp.issubdtype(dtype, jnp.inexact):
-                where = f"primals[{i}]{jax.tree_util.keystr(path)}"
-                raise TypeError(
-                    f"jhvp.{api}: differentiated primals must have floating-point leaves, but "
-                    f"{where} has dtype {dtype}. Cast it (e.g. `x.astype(jnp.float32)`), or "
-                    "leave that argument out of `argnums` to treat it as data."
-                )
+def check_callable(f: Any, api: str) -> None:
+    """Raises TypeError unless f is callable."""
+    if not callable(f):
+        raise TypeError(f"jhvp.{api}: `f` must be callable, got {type(f).__name__}.")
+
+
+def check_differentiable_leaf(leaf: Any, where: str, api: str) -> None:
+    """Raises TypeError unless a differentiated leaf is real floating point."""
+    dtype = jnp.result_type(leaf)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise TypeError(
+            f"jhvp.{api}: {where} is complex ({dtype}); the Hessian of a real loss in complex "
+            "variables is not complex-linear, so H·v would be silently wrong (conjugated). Split "
+            "it into real and imaginary parts (two real arrays, or `jnp.stack([z.real, z.imag])`) "
+            "and rebuild the complex value inside f."
+        )
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"jhvp.{api}: differentiated primals must have floating-point leaves, but "
+            f"{where} has dtype {dtype}. Cast it (e.g. `x.astype(jnp.float32)`), or hold it "
+            "fixed: pass it in an argument left out of `argnums`, as a Python int, or as a "
+            "static field (`eqx.field(static=True)` in an Equinox module)."
+        )
 
 
 def _describe(leaf: Any) -> str:

@@ -1,4 +1,4 @@
-"""hvp, vhp and value_grad_hvp: argnums and has_aux plumbing, and the three AD routes."""
+"""The public hvp, vhp and value_grad_hvp: validate, split, run the cached program."""
 
 from __future__ import annotations
 
@@ -7,139 +7,39 @@ from typing import Any, Literal, overload
 
 import jax
 
-from . import _checks, _jit
-from ._tree import cast_like
+from . import _ad, _call, _checks, _jit
 from ._typing import Mode, PyTree
 
-# ----------------------------------------------------------------------------------------------
-# Trace-time building blocks (shared with _operator.py).
+
+def _build(entry: _jit.Entry, key: _jit.CallKey) -> Callable:
+    api = key.api
+    name = "cotangents" if api == "vhp" else "tangents"
+
+    def program(dynamic: list, vecs: list):
+        leaves = _call.traced_leaves(entry, dynamic)
+        diff = _call.differentiated(entry, leaves, api)
+        vecs = _call.checked_tangents(entry, diff, vecs, key, name)
+        box: list = []
+        loss = _call.make_loss(entry, leaves, key.has_aux, api, box)
+        layout = entry.layout
+        if api == "value_grad_hvp":
+            value, grad, hv, aux = _ad.guarded(_ad.value_grad_hvp, key.mode, api, loss, diff, vecs)
+            return (value, layout.unflatten_diff(grad, key.single),
+                    layout.unflatten_diff(hv, key.single), _call.aux_output(aux, box, key.has_aux))
+        _, hv, aux = _ad.guarded(_ad.ROUTES[key.mode], key.mode, api, loss, diff, vecs)
+        return layout.unflatten_diff(hv, key.single), _call.aux_output(aux, box, key.has_aux)
+
+    program.__name__ = program.__qualname__ = f"jhvp_{api}_{key.mode}"
+    return jax.jit(program)
 
 
-def split_primals(primals: tuple, argnums: tuple[int, ...], api: str) -> tuple:
-    """Returns the differentiated primals as a tuple, after checking their dtypes."""
-    diff = tuple(primals[i] for i in argnums)
-    _checks.check_differentiable(diff, argnums, api)
-    return diff
-
-
-def make_loss(f: Callable, primals: tuple, argnums: tuple[int, ...], has_aux: bool, api: str):
-    """Returns `loss(d) -> (scalar, aux)`, f as a function of the differentiated primals `d`."""
-
-    def loss(diff: tuple):
-        args = list(primals)
-        for i, x in zip(argnums, diff, strict=True):
-            args[i] = x
-        out = f(*args)
-        value = _checks.check_scalar_output(out, has_aux, api)
-        return value, (out[1] if has_aux else None)
-
-    return loss
-
-
-def _fwd_rev(loss, diff, tangents):
-    # H·v as the directional derivative of the gradient: one forward pass over the reverse pass.
-    _, hv, aux = jax.jvp(jax.grad(loss, has_aux=True), (diff,), (tangents,), has_aux=True)
-    return hv, aux
-
-
-def _rev_rev(loss, diff, cotangents):
-    # vᵀH through the VJP of the gradient; equals H·v because H is symmetric.
-    _, pullback, aux = jax.vjp(jax.grad(loss, has_aux=True), diff, has_aux=True)
-    (vh,) = pullback(cotangents)
-    return vh, aux
-
-
-def _rev_fwd(loss, diff, tangents):
-    # ∇ of the directional derivative <∇f, v>: reverse mode over one forward pass.
-    def directional(d):
-        _, dot, aux = jax.jvp(loss, (d,), (tangents,), has_aux=True)
-        return dot, aux
-
-    return jax.grad(directional, has_aux=True)(diff)
-
-
-ROUTES = {"fwd_rev": _fwd_rev, "rev_rev": _rev_rev, "rev_fwd": _rev_fwd}
-
-
-def guarded(route: Callable, mode: str, api: str, *args):
-    """Runs an AD route, turning JAX's known AD failures into errors that say what to do."""
-    try:
-        return route(*args)
-    except (ValueError, TypeError, NotImplementedError) as err:
-        better = _checks.explain_ad_failure(err, mode, api)
-        if better is None:
-            raise
-        raise better from err
-
-
-# ----------------------------------------------------------------------------------------------
-# Compiled, cached entry points.
-
-
-def _build(get_f, kind: str, argnums: tuple[int, ...], single: bool, has_aux: bool, mode: str):
-    api = kind
-    name = "cotangents" if kind == "vhp" else "tangents"
-
-    def impl(primals: tuple, vectors: PyTree):
-        diff = split_primals(primals, argnums, api)
-        _checks.check_tangents(diff[0] if single else diff, vectors, name, api)
-        vecs = cast_like((vectors,) if single else tuple(vectors), diff)
-        loss = make_loss(get_f(), primals, argnums, has_aux, api)
-        if kind == "value_grad_hvp":
-            value, grad, hv, aux = guarded(_value_grad_hvp, mode, api, loss, diff, vecs)
-            unwrap = (lambda t: t[0]) if single else (lambda t: t)
-            return ((value, aux) if has_aux else value), unwrap(grad), unwrap(hv)
-        hv, aux = guarded(ROUTES[mode], mode, api, loss, diff, vecs)
-        hv = hv[0] if single else hv
-        return (hv, aux) if has_aux else hv
-
-    impl.__name__ = impl.__qualname__ = f"jhvp_{kind}_{mode}"
-    return jax.jit(impl)
-
-
-def _value_grad_hvp(loss, diff, tangents):
-    def value_and_grad(d):
-        (value, aux), grad = jax.value_and_grad(loss, has_aux=True)(d)
-        return (value, grad), aux
-
-    (value, grad), (_, hv), aux = jax.jvp(value_and_grad, (diff,), (tangents,), has_aux=True)
-    return value, grad, hv, aux
-
-
-def compiled(f, kind: str, n_primals: int, argnums: Any, has_aux: Any, mode: Any, builder=None):
-    """Returns the cached jitted function for (f, kind, argnums, has_aux, mode, len(primals)).
-
-    `builder(get_f, kind, argnums, single, has_aux, mode)` makes it on a miss (default: the
-    vector-product kinds of this module).
-    """
-    if isinstance(argnums, list):
-        argnums = tuple(argnums)
-    key = (kind, n_primals, argnums, has_aux, mode)
-    try:
-        hash(key)
-    except TypeError:
-        _validate(f, kind, n_primals, argnums, has_aux, mode)
-        raise
-
-    def build(get_f):
-        args = _validate(f, kind, n_primals, argnums, has_aux, mode)
-        return (builder or _build)(get_f, kind, *args)
-
-    return _jit.cached(f, key, build)
-
-
-def _validate(f, kind, n_primals, argnums, has_aux, mode):
-    kind = kind.split(":")[0]  # "hessian_operator:auto" -> the public name
-    if not callable(f):
-        raise TypeError(f"jhvp.{kind}: `f` must be callable, got {type(f).__name__}.")
-    _checks.check_mode(mode, kind)
-    has_aux = _checks.check_has_aux(has_aux, kind)
-    single = not isinstance(argnums, tuple | list)
-    return _checks.check_argnums(argnums, n_primals, kind), single, has_aux, mode
-
-
-# ----------------------------------------------------------------------------------------------
-# Public functions.
+def _product(api: str, f, primals, vectors, argnums, has_aux, mode):
+    primals = _checks.check_primals(primals, api)
+    key = _call.options(api, len(primals), argnums, has_aux, mode)
+    entry, leaves, dynamic = _call.prepare(f, primals, key, _build)
+    vecs = _call.tangent_leaves(entry, leaves, vectors,  key,
+                                "cotangents" if api == "vhp" else "tangents")
+    return entry.call(leaves, dynamic, vecs), key.has_aux
 
 
 @overload
@@ -191,8 +91,8 @@ def hvp(f, primals, tangents, *, argnums=0, has_aux=False, mode="fwd_rev"):
         >>> print(hv["w"], hv["b"])  # H = diag(6w, 2)
         [ 6. 12.] 2.0
     """
-    primals = _checks.check_primals(primals, "hvp")
-    return compiled(f, "hvp", len(primals), argnums, has_aux, mode)(primals, tangents)
+    (hv, aux), with_aux = _product("hvp", f, primals, tangents, argnums, has_aux, mode)
+    return (hv, _call.merge_aux(aux)) if with_aux else hv
 
 
 @overload
@@ -233,8 +133,8 @@ def vhp(f, primals, cotangents, *, argnums=0, has_aux=False):
         >>> print(jhvp.vhp(lambda x: jnp.sum(x ** 3), (x,), v))
         [6. 0.]
     """
-    primals = _checks.check_primals(primals, "vhp")
-    return compiled(f, "vhp", len(primals), argnums, has_aux, "rev_rev")(primals, cotangents)
+    (vh, aux), with_aux = _product("vhp", f, primals, cotangents, argnums, has_aux, "rev_rev")
+    return (vh, _call.merge_aux(aux)) if with_aux else vh
 
 
 @overload
@@ -274,6 +174,7 @@ def value_grad_hvp(f, primals, tangents, *, argnums=0, has_aux=False):
         >>> print(value, grad, hv)
         9.0 [ 3. 12.] [ 6. 12.]
     """
-    primals = _checks.check_primals(primals, "value_grad_hvp")
-    fn = compiled(f, "value_grad_hvp", len(primals), argnums, has_aux, "fwd_rev")
-    return fn(primals, tangents)
+    (value, grad, hv, aux), with_aux = _product(
+        "value_grad_hvp", f, primals, tangents, argnums, has_aux, "fwd_rev"
+    )
+    return ((value, _call.merge_aux(aux)) if with_aux else value), grad, hv

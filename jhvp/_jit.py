@@ -1,81 +1,100 @@
-"""The cache of compiled top-level functions, keyed on the user's f and held weakly.
+"""The compile cache: one jitted program per compile key, never wrong, never keeping f alive.
 
-`jax.jit` caches compilations per Python function object. Each public call builds its
-transformation of the user's `f` (for argnums, has_aux, mode), so the wrapper must be built once
-per f and reused, or every call would trace f again. The wrapper refers to f only through a weak
-reference and the cache holds f only as a weak key, so dropping f frees its entries, its traces
-and its executables; a loop passing a fresh lambda each time therefore keeps the cache bounded.
+A key is a `CallKey` (which public function, argnums, has_aux, mode, ...) plus the treedefs and
+static leaves of f and the primals (`_filter.split`). Static leaves are held weakly where they can
+be (`_filter.static_key`); when one dies, a weakref callback evicts its entry, and with it the
+traces and executables. The jitted program never captures the static leaves: while it is traced,
+it reads the current call's leaves from its entry (`Entry.call` sets them under the entry's lock),
+so no user object outlives its last call through the cache. A lock per entry makes concurrent
+first calls trace once; a global lock makes concurrent misses build one entry.
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
+import functools
+import threading
 import weakref
-from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any
 
-# owner (f, or a bound method's __self__) -> {(method function or None, key): jitted}
-_weak_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# Callables that cannot be weakly referenced (rare: some builtins, __slots__ objects) are held
-# strongly, in a small LRU, so the cache stays bounded.
-_strong_cache: OrderedDict = OrderedDict()
-_STRONG_CACHE_SIZE = 64
+from . import _filter
+
+# Beyond this many entries the oldest is dropped: keys whose treedefs hold a fresh object per call
+# (a new lambda inside a Partial, say) cannot be evicted by a weakref callback.
+_MAX_ENTRIES = 4096
 
 
-def _split(f: Callable) -> tuple[Any, Any]:
-    # A bound method is created anew at each attribute access, so it cannot be a weak key itself:
-    # key on the object it is bound to, and on the plain function.
-    if inspect.ismethod(f):
-        return f.__self__, f.__func__
-    return f, None
+@dataclasses.dataclass(frozen=True, eq=False)
+class CallKey:
+    """The options of a call, after validation. Interned: equal options are the same object."""
+
+    api: str
+    argnums: tuple[int, ...] = ()
+    single: bool = True
+    has_aux: bool = False
+    mode: str = "fwd_rev"
+    extra: tuple = ()
+
+    @staticmethod
+    @functools.lru_cache(maxsize=1024)
+    def of(api: str, argnums: tuple = (), single: bool = True, has_aux: bool = False,
+           mode: str = "fwd_rev", extra: tuple = ()) -> CallKey:
+        """Returns the interned key (identity hashing keeps the per-call lookup cheap)."""
+        return CallKey(api, argnums, single, has_aux, mode, extra)
 
 
-def _resolver(owner: Any, func: Any, weak: bool) -> Callable[[], Callable]:
-    if not weak:
-        return (lambda: owner) if func is None else (lambda: func.__get__(owner))
-    ref = weakref.ref(owner)
-    if func is None:
-        return ref
-    return lambda: func.__get__(ref())
+class Entry:
+    """A cached jitted program and what it needs to run: its lock and its layout."""
+
+    __slots__ = ("jitted", "lock", "leaves", "layout", "_refs", "__weakref__")
+
+    def __init__(self, layout: Any = None):
+        self.jitted: Callable | None = None
+        self.lock = threading.RLock()
+        self.leaves: list | None = None  # the running call's leaves, read while tracing
+        self.layout = layout
+        self._refs: list = []
+
+    def call(self, leaves: list, *args):
+        """Runs the program on `args`; `leaves` are visible to its trace as `self.leaves`."""
+        with self.lock:
+            self.leaves = leaves
+            try:
+                return self.jitted(*args)
+            finally:
+                self.leaves = None
 
 
-def cached(f: Callable, key: Hashable, build: Callable[[Callable[[], Callable]], Callable]):
-    """Returns `build(get_f)`, built once per (f, key); `get_f()` returns f while it lives.
+_lock = threading.Lock()
+_entries: dict = {}
 
-    `build` must not capture f itself, only `get_f`, or the cache would keep f alive.
-    """
-    owner, func = _split(f)
-    try:
-        entries = _weak_cache.get(owner)
-        weak = True
-    except TypeError:  # unhashable owner
-        entries, weak = None, False
-    if weak and entries is not None:
-        hit = entries.get((func, key))
-        if hit is not None:
-            return hit
-    if weak:
-        try:
-            weakref.ref(owner)
-        except TypeError:
-            weak = False
-    if weak:
-        jitted = build(_resolver(owner, func, weak=True))
-        _weak_cache.setdefault(owner, {})[(func, key)] = jitted
-        return jitted
-    strong_key = (id(owner), func, key)
-    hit = _strong_cache.get(strong_key)
-    if hit is not None:
-        _strong_cache.move_to_end(strong_key)
-        return hit[1]
-    jitted = build(_resolver(owner, func, weak=False))
-    _strong_cache[strong_key] = (owner, jitted)
-    if len(_strong_cache) > _STRONG_CACHE_SIZE:
-        _strong_cache.popitem(last=False)
-    return jitted
+
+def _evict(key: Any) -> None:
+    # A weakref callback: may run in any thread, during any allocation; dict.pop is atomic.
+    _entries.pop(key, None)
+
+
+def lookup(key: tuple, make: Callable[[], Entry]) -> Entry:
+    """Returns the entry for `key`, made once by `make()` on a miss (thread-safe)."""
+    entry = _entries.get(key)
+    if entry is not None:
+        return entry
+    with _lock:
+        entry = _entries.get(key)
+        if entry is not None:
+            return entry
+        entry = make()
+        for ref in _filter.weak_referents(key):
+            obj = ref()
+            if obj is not None:
+                entry._refs.append(weakref.ref(obj, lambda _, key=key: _evict(key)))
+        if len(_entries) >= _MAX_ENTRIES:
+            _entries.pop(next(iter(_entries)), None)
+        _entries[key] = entry
+        return entry
 
 
 def cache_size() -> int:
-    """Returns the number of cached compiled wrappers (for tests and diagnostics)."""
-    return sum(len(v) for v in list(_weak_cache.values())) + len(_strong_cache)
+    """Returns the number of cached programs (for tests and diagnostics)."""
+    return len(_entries)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -10,12 +11,25 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from . import _checks, _hvp
-from ._tree import cast_like
-from ._typing import PyTree
+from . import _ad, _call, _checks, _filter, _jit, _strategy
+from ._typing import STRATEGIES, PyTree, Strategy
 
 
-@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class _TangentLayout:
+    """The accepted tangent structures: the gradient's, or the primals' own (statics ignored)."""
+
+    diff_tree: Any
+    full_tree: Any
+    selection: tuple[int, ...]
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["value", "grad", "_aux_arrays", "_apply"],
+    meta_fields=["_tangent_layout", "_aux_static"],
+)
+@dataclasses.dataclass(frozen=True)
 class HessianOperator:
     """The Hessian H = ∇²f(primals) as a linear operator: `op(v)` and `op @ v` return H·v.
 
@@ -48,19 +62,36 @@ class HessianOperator:
         [-1. -1. -1.]
     """
 
-    def __init__(self, value, grad, aux, apply: Callable, single: bool):
-        self.value = value
-        self.grad = grad
-        self.aux = aux
-        self._apply = apply
-        self._single = single
+    value: jax.Array
+    grad: PyTree
+    _aux_arrays: list | None
+    _apply: Callable
+    _tangent_layout: _TangentLayout
+    _aux_static: _filter.Static | None
+
+    @property
+    def aux(self) -> Any:
+        """F's auxiliary output, exactly as f returned it (None without `has_aux`)."""
+        if self._aux_static is None:
+            return None
+        return _call.merge_aux((self._aux_arrays, self._aux_static))
 
     def __call__(self, tangents: PyTree) -> PyTree:
         """Returns H·tangents, with the structure of the gradient."""
-        return _apply(self, tangents)
+        return _apply_jitted(self, self._tangent_leaves(tangents))
 
     def __matmul__(self, tangents: PyTree) -> PyTree:
-        return _apply(self, tangents)
+        return _apply_jitted(self, self._tangent_leaves(tangents))
+
+    def _tangent_leaves(self, tangents: PyTree) -> list:
+        leaves, tree = jax.tree.flatten(tangents)
+        layout = self._tangent_layout
+        if tree == layout.diff_tree:
+            return leaves
+        if tree == layout.full_tree:
+            return [leaves[p] for p in layout.selection]
+        _checks.check_tangents(self.grad, tangents, "tangents", "HessianOperator")
+        raise AssertionError("unreachable: check_tangents accepted a rejected structure")
 
     def transpose(self) -> HessianOperator:
         """Returns the operator itself: a Hessian is symmetric."""
@@ -111,99 +142,75 @@ class HessianOperator:
         n = self.shape[0]
         return f"HessianOperator(n={n}, value={self.value!r})"
 
-    def tree_flatten(self):
-        return (self.value, self.grad, self.aux, self._apply), self._single
 
-    @classmethod
-    def tree_unflatten(cls, single, children):
-        return cls(*children, single=single)
-
-
-def _apply_traced(op: HessianOperator, tangents: PyTree) -> PyTree:
-    _checks.check_tangents(op.grad, tangents, "tangents", "HessianOperator")
-    grad = (op.grad,) if op._single else tuple(op.grad)
-    vecs = cast_like((tangents,) if op._single else tuple(tangents), grad)
-    hv = op._apply(vecs)
-    return hv[0] if op._single else hv
+def _apply_traced(op: HessianOperator, vecs: list) -> PyTree:
+    grads = jax.tree.leaves(op.grad)
+    tree = jax.tree.structure(op.grad)
+    for g, t in zip(grads, vecs, strict=True):
+        if jnp.shape(g) != jnp.shape(t) or jnp.issubdtype(jnp.result_type(t), jnp.complexfloating):
+            _checks.check_tangents(op.grad, tree.unflatten(vecs), "tangents", "HessianOperator")
+    vecs = [jnp.asarray(t, dtype=jnp.result_type(g)) for g, t in zip(grads, vecs, strict=True)]
+    return tree.unflatten(op._apply(vecs))
 
 
-_apply = jax.jit(_apply_traced)
+_apply_jitted = jax.jit(_apply_traced)
 
 
 @jax.jit
 def _dense(op: HessianOperator, basis: jax.Array) -> jax.Array:
     _, unravel = ravel_pytree(op.grad)
-    return jax.vmap(lambda e: ravel_pytree(_apply_traced(op, unravel(e)))[0])(basis)
+    return jax.vmap(
+        lambda e: ravel_pytree(_apply_traced(op, jax.tree.leaves(unravel(e))))[0]
+    )(basis)
 
 
-# XLA's cost model counts flops and bytes; a roofline weighs them. 10 flops per byte is a middle
-# machine balance (CPUs ~5-20, GPUs ~20-100); the choice only has to separate compute-bound
-# programs (matmuls: storing residuals saves recomputing them) from memory-bound ones (elementwise:
-# reading stored residuals costs more than recomputing them from the primals).
-_FLOPS_PER_BYTE = 10.0
-STRATEGIES = ("auto", "linearize", "recompute")
-
-
-def _estimated_cost(fn: Callable, *args) -> float | None:
-    """Returns XLA's roofline estimate for jit(fn)(*args), or None where no cost model answers."""
-    avals = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), args)
-    try:
-        analysis = jax.jit(fn).lower(*avals).compile().cost_analysis()
-    except Exception:  # noqa: BLE001 - the cost model is advisory; fall back to linearizing
-        return None
-    if isinstance(analysis, list | tuple):
-        analysis = analysis[0] if analysis else None
-    if not analysis or "flops" not in analysis or "bytes accessed" not in analysis:
-        return None
-    return analysis["flops"] / _FLOPS_PER_BYTE + analysis["bytes accessed"]
-
-
-def _apply_linearized(linear: Callable, vecs: tuple) -> tuple:
+def _apply_linearized(linear: Callable, vecs: list) -> list:
     return linear(vecs)[1]
 
 
-def _apply_recompute(jaxpr, out_tree, consts: list, primals: tuple, vecs: tuple) -> tuple:
+def _apply_recompute(jaxpr, out_tree, consts: list, dynamic: list, vecs: list) -> list:
     # A traced program, not f itself: the operator must outlive the user's f without the jit
     # caches holding f alive, exactly as the linearized program does.
-    flat = jax.core.eval_jaxpr(jaxpr, consts, *jax.tree.leaves((primals, vecs)))
+    flat = jax.core.eval_jaxpr(jaxpr, consts, *jax.tree.leaves((dynamic, vecs)))
     return jax.tree.unflatten(out_tree, flat)
 
 
-def _build(get_f, kind: str, argnums: tuple[int, ...], single: bool, has_aux: bool, mode: str):
+def _build(entry: _jit.Entry, key: _jit.CallKey) -> Callable:
     api = "hessian_operator"
-    strategy = kind.split(":")[1]
+    (strategy,) = key.extra
+    layout = entry.layout
+    diff_tree, full_tree = layout.tangent_trees[key.single]
+    tangent_layout = _TangentLayout(diff_tree, full_tree, layout.full_selection)
 
-    def recompute(primals: tuple, vecs: tuple) -> tuple:
-        loss = _hvp.make_loss(get_f(), primals, argnums, has_aux, api)
-        diff = tuple(primals[i] for i in argnums)
-        return _hvp.guarded(_hvp.ROUTES["fwd_rev"], "fwd_rev", api, loss, diff, vecs)[0]
+    def recompute(dynamic: list, vecs: list) -> list:
+        leaves = _call.traced_leaves(entry, dynamic)
+        diff = _call.differentiated(entry, leaves, api)
+        loss = _call.make_loss(entry, leaves, key.has_aux, api, [])
+        return _ad.guarded(_ad.fwd_rev, "fwd_rev", api, loss, diff, vecs)[1]
 
-    def impl(primals: tuple) -> HessianOperator:
-        diff = _hvp.split_primals(primals, argnums, api)
-        loss = _hvp.make_loss(get_f(), primals, argnums, has_aux, api)
-
-        def value_and_grad(d):
-            (value, aux), grad = jax.value_and_grad(loss, has_aux=True)(d)
-            return (value, grad), aux
-
-        (value, grad), linear, aux = _hvp.guarded(
-            lambda: jax.linearize(value_and_grad, diff, has_aux=True), "fwd_rev", api
-        )
+    def program(dynamic: list) -> HessianOperator:
+        leaves = _call.traced_leaves(entry, dynamic)
+        diff = _call.differentiated(entry, leaves, api)
+        box: list = []
+        loss = _call.make_loss(entry, leaves, key.has_aux, api, box)
+        value, grad, linear, aux = _ad.guarded(_ad.linearize, "fwd_rev", api, loss, diff)
         chosen = strategy
         if chosen == "auto":
-            stored = _estimated_cost(_apply_linearized, linear, diff)
-            fresh = _estimated_cost(recompute, primals, diff)
-            chosen = "recompute" if None not in (stored, fresh) and fresh < stored else "linearize"
+            chosen = _strategy.choose(_apply_linearized, (linear, diff), recompute,
+                                      (dynamic, diff))
         if chosen == "recompute":
-            program, out_shape = jax.make_jaxpr(recompute, return_shape=True)(primals, diff)
-            body = functools.partial(_apply_recompute, program.jaxpr, jax.tree.structure(out_shape))
-            apply = jax.tree_util.Partial(body, program.consts, primals)
+            closed, out_shape = jax.make_jaxpr(recompute, return_shape=True)(dynamic, diff)
+            body = functools.partial(_apply_recompute, closed.jaxpr,
+                                     jax.tree.structure(out_shape))
+            apply = jax.tree_util.Partial(body, closed.consts, dynamic)
         else:
             apply = jax.tree_util.Partial(_apply_linearized, linear)
-        return HessianOperator(value, grad[0] if single else grad, aux, apply, single)
+        aux_arrays, aux_static = _call.aux_output(aux, box, key.has_aux) or (None, None)
+        return HessianOperator(value, layout.unflatten_diff(grad, key.single), aux_arrays,
+                               apply, tangent_layout, aux_static)
 
-    impl.__name__ = impl.__qualname__ = f"jhvp_hessian_operator_{strategy}"
-    return jax.jit(impl)
+    program.__name__ = program.__qualname__ = f"jhvp_hessian_operator_{strategy}"
+    return jax.jit(program)
 
 
 def hessian_operator(
@@ -212,7 +219,7 @@ def hessian_operator(
     *,
     argnums: int | Sequence[int] = 0,
     has_aux: bool = False,
-    strategy: str = "auto",
+    strategy: Strategy = "auto",
 ) -> HessianOperator:
     """Returns the Hessian H = ∇²f(primals) as a `HessianOperator` that applies H·v.
 
@@ -261,8 +268,9 @@ def hessian_operator(
     """
     primals = _checks.check_primals(primals, "hessian_operator")
     _checks.check_choice(strategy, STRATEGIES, "strategy", "hessian_operator")
-    kind = f"hessian_operator:{strategy}"
-    fn = _hvp.compiled(f, kind, len(primals), argnums, has_aux, "fwd_rev", _build)
-    return fn(primals)
+    key = _call.options("hessian_operator", len(primals), argnums, has_aux, "fwd_rev",
+                        (strategy,))
+    entry, leaves, dynamic = _call.prepare(f, primals, key, _build)
+    return entry.call(leaves, dynamic)
 
 

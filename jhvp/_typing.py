@@ -1,6 +1,6 @@
-"""Type aliases shared by the public signatures."""
+"""Type aliases shared by the public signatures; the lists of valid values come from them."""
 
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, get_args
 
 PyTree: TypeAlias = Any
 """Any JAX pytree: arrays, scalars, and nests of tuples, lists, dicts, NamedTuples, dataclasses."""
@@ -8,4 +8,8 @@ PyTree: TypeAlias = Any
 Mode: TypeAlias = Literal["fwd_rev", "rev_rev", "rev_fwd"]
 """The automatic-differentiation route used to form H·v."""
 
-MODES: tuple[str, ...] = ("fwd_rev", "rev_rev", "rev_fwd")
+Strategy: TypeAlias = Literal["auto", "linearize", "recompute"]
+"""How a `HessianOperator` applies H: stored linearization residuals, or a fresh pass."""
+
+MODES: tuple[str, ...] = get_args(Mode)
+STRATEGIES: tuple[str, ...] = get_args(Strategy)

@@ -25,8 +25,9 @@ Deliberate differences from torch:
   either does not depend on `a`). JAX has no `requires_grad_()`, so torch's "disconnected output
   that requires grad" (`a.long().float().requires_grad_()`) has no analogue: the nearest JAX
   function, `a.astype(int).astype(float)`, gets torch's message for a detached output.
-  Loops (`lax.scan`, `while_loop`) and `cond` are treated as connecting every input to every
-  output, so strict mode can only be more permissive there, never raise where torch would not.
+  A `lax.scan` is followed through its carry (a chain a -> b -> c across iterations connects
+  a to c); `while_loop` and `cond` are treated as connecting every input to every output, so
+  strict mode can only be more permissive there, never raise where torch would not.
 - **Inputs** may be JAX arrays, NumPy arrays or Python floats (torch wants Tensors); integer
   arrays raise torch's RuntimeError, since they cannot be differentiated.
 - **create_graph=False** wraps the results in `jax.lax.stop_gradient`; `jax.grad` through them
@@ -40,12 +41,12 @@ Deliberate differences from torch:
 - **dtypes** follow JAX: float32 unless `jax_enable_x64` is on.
 """
 
-from ._compat import hessian as hessian
-from ._compat import hvp as hvp
-from ._compat import jacobian as jacobian
-from ._compat import jvp as jvp
-from ._compat import vhp as vhp
-from ._compat import vjp as vjp
+from ._functional import hessian as hessian
+from ._functional import hvp as hvp
+from ._functional import jacobian as jacobian
+from ._functional import jvp as jvp
+from ._functional import vhp as vhp
+from ._functional import vjp as vjp
 
 # torch.autograd.functional.__all__, in torch's order.
 __all__ = ["vjp", "jvp", "jacobian", "hessian", "hvp", "vhp"]

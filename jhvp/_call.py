@@ -1,0 +1,156 @@
+"""One public call: options validated, f and primals split, the cached program found and run.
+
+Everything here runs per call except what is marked "trace time", which runs once per compiled
+program. The per-call path is kept short: a dict hit for the options, one flatten of f and of each
+primal, one of the tangents, a dict hit for the program.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from . import _checks, _filter, _jit
+from ._typing import MODES
+
+_options: dict = {}
+
+
+def options(api: str, n_primals: int, argnums: Any, has_aux: Any, mode: Any = "fwd_rev",
+            extra: tuple = ()) -> _jit.CallKey:
+    """Returns the validated, interned options; invalid ones raise the same error every time."""
+    raw = (api, n_primals, type(argnums), argnums, type(has_aux), has_aux, type(mode), mode, extra)
+    try:
+        return _options[raw]
+    except (KeyError, TypeError):  # a miss, or an unhashable argument (argnums=np.array(0))
+        pass
+    _checks.check_mode(mode, api)
+    has_aux = _checks.check_has_aux(has_aux, api)
+    single = not isinstance(argnums, tuple | list)
+    nums = _checks.check_argnums(argnums, n_primals, api)
+    key = _jit.CallKey.of(api, nums, single, has_aux, mode, extra)
+    try:
+        if len(_options) < 4096:
+            _options[raw] = key
+    except TypeError:
+        pass
+    return key
+
+
+def prepare(f: Callable, primals: tuple, key: _jit.CallKey,
+            build: Callable[[_jit.Entry, _jit.CallKey], Callable]):
+    """Returns (entry, leaves, dynamic leaves) for this call; builds the program on a miss."""
+    if not callable(f):
+        _checks.check_callable(f, key.api)
+    trees, roles, leaves, dynamic = _filter.split(f, primals, key.argnums)
+
+    def make() -> _jit.Entry:
+        entry = _jit.Entry(_filter.Layout(trees, roles, leaves, key.argnums))
+        entry.jitted = build(entry, key)
+        return entry
+
+    return _jit.lookup((key, trees, roles), make), leaves, dynamic
+
+
+def tangent_leaves(entry: _jit.Entry, leaves: list, tangents: Any, key: _jit.CallKey,
+                   name: str) -> list:
+    """The tangents' differentiated leaves; a ValueError naming the first bad leaf otherwise."""
+    layout = entry.layout
+    flat = layout.tangent_leaves(tangents, key.single)
+    if flat is None:
+        expected = layout.unflatten_diff([leaves[p] for p in layout.diff_positions], key.single)
+        _checks.check_tangents(expected, tangents, name, key.api)
+        raise AssertionError("unreachable: check_tangents accepted a rejected structure")
+    return flat
+
+
+# ---- trace time -------------------------------------------------------------------------------
+
+
+def traced_leaves(entry: _jit.Entry, dynamic: list) -> list:
+    """This call's leaves with the traced arrays in place (trace time)."""
+    leaves = list(entry.leaves)
+    for position, x in zip(entry.layout.dynamic_positions, dynamic, strict=True):
+        leaves[position] = x
+    return leaves
+
+
+def differentiated(entry: _jit.Entry, leaves: list, api: str) -> list:
+    """The differentiated leaves, checked to be real floating point (trace time)."""
+    layout = entry.layout
+    diff = []
+    for k, i in enumerate(layout.argnums):
+        lo, hi = layout.bounds[i], layout.bounds[i + 1]
+        for p in layout.full_diff_positions[k]:
+            leaf = leaves[lo + p]
+            dtype = jnp.result_type(leaf)
+            if not jnp.issubdtype(dtype, jnp.floating):
+                paths = jax.tree_util.tree_flatten_with_path(
+                    layout.trees[i + 1].unflatten(leaves[lo:hi])
+                )[0]
+                where = f"primals[{i}]{jax.tree_util.keystr(paths[p][0])}"
+                _checks.check_differentiable_leaf(leaf, where, api)
+            diff.append(jnp.asarray(leaf) if isinstance(leaf, float) else leaf)
+    return diff
+
+
+def checked_tangents(entry: _jit.Entry, diff: list, vecs: list, key: _jit.CallKey,
+                     name: str) -> list:
+    """Tangent leaves checked against the primals' shapes and cast to their dtypes (trace time)."""
+    for p, t in zip(diff, vecs, strict=True):
+        bad_shape = jnp.shape(p) != jnp.shape(t)
+        bad_kind = jnp.issubdtype(jnp.result_type(t), jnp.complexfloating)
+        if bad_shape or bad_kind:
+            layout = entry.layout
+            _checks.check_tangents(layout.unflatten_diff(diff, key.single),
+                                   layout.unflatten_diff(vecs, key.single), name, key.api)
+    return [jnp.asarray(t, dtype=jnp.result_type(p)) for p, t in zip(diff, vecs, strict=True)]
+
+
+def make_loss(entry: _jit.Entry, leaves: list, has_aux: bool, api: str, aux_box: list):
+    """`loss(d) -> (value, aux arrays)`: f of the differentiated leaves (trace time).
+
+    aux's array leaves are traced outputs; the rest of aux (its structure, non-array leaves) is
+    put in `aux_box` and returned as static data, so aux comes back exactly as f returned it.
+    """
+    layout = entry.layout
+    positions = layout.diff_positions
+
+    def loss(d: list):
+        full = list(leaves)
+        for p, x in zip(positions, d, strict=True):
+            full[p] = x
+        f, primals = layout.rebuild(full)
+        out = f(*primals)
+        value = _checks.check_scalar_output(out, has_aux, api)
+        if not has_aux:
+            return value, None
+        aux_leaves, aux_tree = jax.tree.flatten(out[1])
+        is_array = [_filter.is_array(x) for x in aux_leaves]
+        aux_box[:] = [(aux_tree, tuple(None if a else x
+                                       for a, x in zip(is_array, aux_leaves, strict=True)))]
+        return value, [x for a, x in zip(is_array, aux_leaves, strict=True) if a]
+
+    return loss
+
+
+def aux_output(aux_arrays: list | None, aux_box: list, has_aux: bool):
+    """What the program returns for aux: its arrays, and the rest as static data (trace time)."""
+    return (aux_arrays, _filter.Static(aux_box[0])) if has_aux else None
+
+
+def merge_aux(out_aux) -> Any:
+    """Rebuilds aux exactly as f returned it, from a program's `aux_output` (per call)."""
+    arrays, static = out_aux
+    tree, leaves = static.value
+    it = iter(arrays)
+    return tree.unflatten([next(it) if x is None else x for x in leaves])
+
+
+def check_mode(mode: Any, api: str) -> None:
+    """Raises ValueError unless mode is one of the AD routes."""
+    if mode not in MODES:
+        _checks.check_mode(mode, api)
