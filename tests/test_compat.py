@@ -164,3 +164,31 @@ def test_inside_a_user_jit_and_vmap():
     V = jnp.stack([v4, 2 * v4])
     got = jax.vmap(lambda v: compat.vhp(rosenbrock, x4, v)[1])(V)
     tree_allclose(got, V @ jax.hessian(rosenbrock)(x4))
+
+
+def test_strict_mode_follows_a_carry_chain_through_scan():
+    # z depends on a only through two iterations of the carry (a -> y -> z); torch accepts the
+    # equivalent Python loop under strict=True (tests/test_compat_torch.py checks that side).
+    def chain(a):
+        def body(carry, _):
+            x, y, _z = carry
+            return (x, x, y), None
+
+        (_, _, z), _ = jax.lax.scan(body, (a, jnp.ones_like(a), jnp.ones_like(a)), None, length=3)
+        return 2 * z
+
+    a, v = rand(0, (4,)), rand(1, (4,))
+    out, vj = compat.vjp(chain, a, v, strict=True)
+    tree_allclose(vj, 2 * v)
+    tree_allclose(compat.jacobian(chain, a, strict=True), 2 * jnp.eye(4, dtype=DTYPE))
+
+    def cut(a):  # the same loop with the chain cut: strict must still raise
+        def body(carry, _):
+            x, y, _z = carry
+            return (x, jax.lax.stop_gradient(x), y), None
+
+        (_, _, z), _ = jax.lax.scan(body, (a, jnp.ones_like(a), jnp.ones_like(a)), None, length=3)
+        return 2 * z
+
+    with pytest.raises(RuntimeError, match="Output 0 of the user-provided function does not require gradients"):
+        compat.vjp(cut, a, v, strict=True)

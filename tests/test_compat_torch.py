@@ -174,6 +174,27 @@ for api in ("hvp", "vhp", "hessian"):
     add(api, "strict-cg-cube", lambda a: (a * a * a).sum(), lambda a: (a * a * a).sum(), inp4, *extra, strict=True, create_graph=True)
     add(api, "strict-ok", lambda a: a.exp().sum(), lambda a: jnp.exp(a).sum(), inp4, *extra, strict=True)
 
+def _torch_chain(a):
+    # a -> y -> z through the loop: z depends on a only from the second iteration on.
+    x, y, z = a, torch.ones_like(a), torch.ones_like(a)
+    for _ in range(3):
+        x, y, z = x, x, y
+    return 2 * z
+
+
+def _jax_chain(a):
+    def body(carry, _):
+        x, y, _z = carry
+        return (x, x, y), None
+
+    (_, _, z), _ = jax.lax.scan(body, (a, jnp.ones_like(a), jnp.ones_like(a)), None, length=3)
+    return 2 * z
+
+
+for api in ("vjp", "jvp"):
+    add(api, "strict-scan-carry-chain", _torch_chain, _jax_chain, inp4, v4, strict=True)
+add("jacobian", "strict-scan-carry-chain", _torch_chain, _jax_chain, inp4, strict=True)
+
 # ---- outputs and scalar inputs (torch's *_output, *_scalar) ----
 add("vjp", "reducer", lambda x: x.sum(dim=1), lambda x: x.sum(axis=1), inp44, r(4))
 add("vjp", "adder", lambda x, y: 2 * x + 3 * y, lambda x, y: 2 * x + 3 * y, (r(2), r(2)), r(2))
