@@ -45,14 +45,19 @@ def prepare(f: Callable, primals: tuple, key: _jit.CallKey,
     """Returns (entry, leaves, dynamic leaves) for this call; builds the program on a miss."""
     if not callable(f):
         _checks.check_callable(f, key.api)
-    trees, roles, leaves, dynamic = _filter.split(f, primals, key.argnums)
+    leaves, treedef = _filter.flatten(f, primals)
+    plan = _jit.plan(key, treedef)
+    roles, dynamic = _filter.roles(leaves, plan.in_diff)
+    entry = plan.entries.get(roles)
+    if entry is None:
 
-    def make() -> _jit.Entry:
-        entry = _jit.Entry(_filter.Layout(trees, roles, leaves, key.argnums))
-        entry.jitted = build(entry, key)
-        return entry
+        def make() -> _jit.Entry:
+            made = _jit.Entry(_filter.Layout(plan, roles, leaves, key.argnums))
+            made.jitted = build(made, key)
+            return made
 
-    return _jit.lookup((key, trees, roles), make), leaves, dynamic
+        entry = _jit.lookup(plan.entries, roles, make)
+    return entry, leaves, dynamic
 
 
 def tangent_leaves(entry: _jit.Entry, leaves: list, tangents: Any, key: _jit.CallKey,
@@ -83,14 +88,13 @@ def differentiated(entry: _jit.Entry, leaves: list, api: str) -> list:
     layout = entry.layout
     diff = []
     for k, i in enumerate(layout.argnums):
-        lo, hi = layout.bounds[i], layout.bounds[i + 1]
+        lo, primal_leaves = layout.primal_leaves(leaves, i)
         for p in layout.full_diff_positions[k]:
-            leaf = leaves[lo + p]
+            leaf = primal_leaves[p]
             dtype = jnp.result_type(leaf)
             if not jnp.issubdtype(dtype, jnp.floating):
-                paths = jax.tree_util.tree_flatten_with_path(
-                    layout.trees[i + 1].unflatten(leaves[lo:hi])
-                )[0]
+                tree = layout.plan.trees[i + 1]
+                paths = jax.tree_util.tree_flatten_with_path(tree.unflatten(primal_leaves))[0]
                 where = f"primals[{i}]{jax.tree_util.keystr(paths[p][0])}"
                 _checks.check_differentiable_leaf(leaf, where, api)
             diff.append(jnp.asarray(leaf) if isinstance(leaf, float) else leaf)

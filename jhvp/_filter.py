@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.core import Tracer
 
 ARRAY_TYPES = (jax.Array, np.ndarray, np.generic)
 _VALUE_TYPES = frozenset({int, float, bool, str, bytes, complex, type(None)})
@@ -148,85 +149,100 @@ def as_pytree_callable(f: Callable) -> Any:
     return f
 
 
-def split(f: Callable, primals: tuple, argnums: tuple[int, ...]):
-    """Flattens f and the primals; returns (trees, roles, leaves, dynamic leaves, diff positions).
+def flatten(f: Callable, primals: tuple) -> tuple[list, Any]:
+    """Flattens (f, primals) in one pass: (leaves, treedef)."""
+    return jax.tree.flatten((as_pytree_callable(f), primals))
 
-    `trees` and `roles` (one entry per leaf: DIFF, DYNAMIC, or the static key) form the compile
-    key; `leaves` are this call's leaves (static ones included, read while tracing).
+
+class Plan:
+    """For one (options, treedef): which leaves are f's and which sit in differentiated primals.
+
+    Made once per structure and compared by identity, so a warm call hashes its treedef once.
+    Holds the compiled entries for each assignment of roles (`entries`).
     """
-    f_leaves, f_tree = jax.tree.flatten(as_pytree_callable(f))
-    leaves = list(f_leaves)
-    roles = []
-    dynamic = []
-    for leaf in f_leaves:
-        if isinstance(leaf, ARRAY_TYPES):
-            roles.append(DYNAMIC)
+
+    __slots__ = ("treedef", "trees", "bounds", "in_diff", "entries", "__weakref__")
+
+    def __init__(self, treedef: Any, argnums: tuple[int, ...]):
+        f_tree, primals_tree = treedef.children()
+        self.treedef = treedef
+        self.trees = (f_tree, *primals_tree.children())
+        bounds = [f_tree.num_leaves]
+        for tree in self.trees[1:]:
+            bounds.append(bounds[-1] + tree.num_leaves)
+        self.bounds = tuple(bounds)  # primal i's leaves: bounds[i] .. bounds[i + 1]
+        in_diff = [False] * f_tree.num_leaves
+        for i, tree in enumerate(self.trees[1:]):
+            in_diff += [i in argnums] * tree.num_leaves
+        self.in_diff = tuple(in_diff)
+        self.entries: dict = {}
+
+
+# Concrete array types seen so far (JAX's array class joins on first sight: naming it would need a
+# private import, and making an array at import time would start the backend too early for
+# `jax.distributed.initialize`). Tracers are never added: their roles are the same, but slower.
+_FAST_ARRAY_TYPES = {np.ndarray}
+
+
+def roles(leaves: list, in_diff: tuple) -> tuple[tuple, list]:
+    """Each leaf's role (DIFF, DYNAMIC, or its static key), and the traced leaves in order."""
+    # The per-call hot path: a plain loop, the common types tested first.
+    out, dynamic = [], []
+    fast, function = _FAST_ARRAY_TYPES, types.FunctionType
+    for leaf, differentiated in zip(leaves, in_diff):  # noqa: B905 - lengths from one treedef
+        t = type(leaf)
+        if t in fast or (t is not function and isinstance(leaf, ARRAY_TYPES)):
+            out.append(DIFF if differentiated else DYNAMIC)
+            dynamic.append(leaf)
+            if t not in fast and isinstance(leaf, jax.Array) and not isinstance(leaf, Tracer):
+                fast.add(t)
+        elif t is function:
+            out.append(weakref.ref(leaf))  # hashable by identity, weakly held
+        elif differentiated and (t is float or t is complex):
+            out.append(DIFF)  # as jax.grad does; complex ones are rejected when traced
             dynamic.append(leaf)
         else:
-            roles.append(static_key(leaf))
-    trees = [f_tree]
-    for i, primal in enumerate(primals):
-        p_leaves, p_tree = jax.tree.flatten(primal)
-        trees.append(p_tree)
-        leaves += p_leaves
-        differentiated = i in argnums
-        for leaf in p_leaves:
-            if isinstance(leaf, ARRAY_TYPES):
-                roles.append(DIFF if differentiated else DYNAMIC)
-                dynamic.append(leaf)
-            elif differentiated and type(leaf) in (float, complex):
-                roles.append(DIFF)  # as jax.grad does; complex ones are rejected when traced
-                dynamic.append(leaf)
-            else:
-                roles.append(static_key(leaf))
-    return tuple(trees), tuple(roles), leaves, dynamic
+            out.append(static_key(leaf))
+    return tuple(out), dynamic
 
 
 class Layout:
     """Where each kind of leaf sits, for one compile key; built once per cache entry.
 
     Attributes:
-        trees: The treedefs of f and of each primal.
+        plan: The structure's `Plan` (treedefs of f and of each primal, leaf bounds).
         dynamic_positions: Flat positions of the traced leaves, in call order.
-        diff_positions: Flat positions of the differentiated leaves.
+        diff_positions: Flat positions of the differentiated leaves, in argnums order.
         diff_trees: Per differentiated primal, its treedef with None at the static leaves
             (the structure of tangents and results).
         full_trees: Per differentiated primal, its own treedef (also accepted for tangents).
     """
 
-    def __init__(self, trees: tuple, roles: tuple, leaves: list, argnums: tuple[int, ...]):
-        self.trees = trees
+    def __init__(self, plan: Plan, roles: tuple, leaves: list, argnums: tuple[int, ...]):
+        self.plan = plan
         self.argnums = argnums
         self.dynamic_positions = tuple(
             i for i, r in enumerate(roles) if r is DIFF or r is DYNAMIC
         )
-        bounds = [trees[0].num_leaves]
-        for tree in trees[1:]:
-            bounds.append(bounds[-1] + tree.num_leaves)
-        self.bounds = tuple(bounds)  # primal i's leaves: bounds[i] .. bounds[i + 1]
-        diff_trees, full_trees, diff_counts = [], [], []
+        bounds, trees = (0, *plan.bounds), plan.trees[1:]
+        self.bounds = bounds  # primal i's leaves: bounds[i + 1] .. bounds[i + 2]
+        diff_trees, full_trees, diff_counts, full_diff = [], [], [], []
         for i in argnums:
-            lo, hi = bounds[i], bounds[i + 1]
+            lo, hi = bounds[i + 1], bounds[i + 2]
             masked = [leaves[p] if roles[p] is DIFF else None for p in range(lo, hi)]
-            diff_trees.append(jax.tree.structure(jax.tree.unflatten(trees[i + 1], masked)))
-            full_trees.append(trees[i + 1])
-            diff_counts.append(sum(roles[p] is DIFF for p in range(lo, hi)))
+            diff_trees.append(jax.tree.structure(jax.tree.unflatten(trees[i], masked)))
+            full_trees.append(trees[i])
+            full_diff.append(tuple(p - lo for p in range(lo, hi) if roles[p] is DIFF))
+            diff_counts.append(len(full_diff[-1]))
         self.diff_trees = tuple(diff_trees)
         self.full_trees = tuple(full_trees)
         self.diff_counts = tuple(diff_counts)
-        self.full_diff_positions = tuple(
-            tuple(p - bounds[i] for p in range(bounds[i], bounds[i + 1]) if roles[p] is DIFF)
-            for i in argnums
-        )
-        # In argnums order (argnums=(1, 0) puts the second primal's leaves first).
+        self.full_diff_positions = tuple(full_diff)
         self.diff_positions = tuple(
-            bounds[i] + p for i, ps in zip(argnums, self.full_diff_positions, strict=True)
-            for p in ps
+            bounds[i + 1] + p for i, ps in zip(argnums, full_diff, strict=True) for p in ps
         )
-
-        single_diff = diff_trees[0] if len(diff_trees) == 1 else None
         self.tangent_trees = {
-            True: (single_diff, full_trees[0] if len(full_trees) == 1 else None),
+            True: (diff_trees[0], full_trees[0]) if len(argnums) == 1 else (None, None),
             False: (
                 jax.tree_util.treedef_tuple(self.diff_trees),
                 jax.tree_util.treedef_tuple(self.full_trees),
@@ -237,8 +253,13 @@ class Layout:
             offsets.append(start)
             start += tree.num_leaves
         self.full_selection = tuple(
-            off + p for off, ps in zip(offsets, self.full_diff_positions, strict=True) for p in ps
+            off + p for off, ps in zip(offsets, full_diff, strict=True) for p in ps
         )
+
+    def primal_leaves(self, leaves: list, i: int) -> tuple[int, list]:
+        """Primal i's offset in the flat leaves, and its leaves."""
+        lo, hi = self.bounds[i + 1], self.bounds[i + 2]
+        return lo, leaves[lo:hi]
 
     def tangent_leaves(self, tangents: Any, single: bool) -> list | None:
         """Returns the tangents' differentiated leaves, or None if their structure is wrong.
@@ -256,12 +277,7 @@ class Layout:
 
     def rebuild(self, leaves: list) -> tuple[Callable, tuple]:
         """Returns (f, primals) from a full flat leaf list."""
-        b = self.bounds
-        f = self.trees[0].unflatten(leaves[: b[0]])
-        primals = tuple(
-            tree.unflatten(leaves[b[i] : b[i + 1]]) for i, tree in enumerate(self.trees[1:])
-        )
-        return f, primals
+        return self.plan.treedef.unflatten(leaves)
 
     def unflatten_diff(self, flat: list, single: bool) -> Any:
         """Splits flat differentiated leaves into the per-argnum structure (None at statics)."""

@@ -67,34 +67,61 @@ class Entry:
 
 
 _lock = threading.Lock()
-_entries: dict = {}
+_plans: dict = {}  # (CallKey, treedef) -> Plan
+_tables: dict = {}  # name -> entries, for callers without a Plan (jhvp.compat)
 
 
-def _evict(key: Any) -> None:
-    # A weakref callback: may run in any thread, during any allocation; dict.pop is atomic.
-    _entries.pop(key, None)
+def _evict(entries: dict, key: Any, _ref: Any = None) -> None:
+    # A weakref callback: may run in any thread, during any allocation (dict.pop is atomic), and
+    # at interpreter exit, when module globals may be gone (hence `entries` bound in advance).
+    entries.pop(key, None)
 
 
-def lookup(key: tuple, make: Callable[[], Entry]) -> Entry:
-    """Returns the entry for `key`, made once by `make()` on a miss (thread-safe)."""
-    entry = _entries.get(key)
+def plan(key: CallKey, treedef: Any) -> _filter.Plan:
+    """Returns the `Plan` for these options and this structure, made once (thread-safe)."""
+    found = _plans.get((key, treedef))
+    if found is not None:
+        return found
+    with _lock:
+        found = _plans.get((key, treedef))
+        if found is None:
+            if len(_plans) >= _MAX_ENTRIES:
+                _plans.pop(next(iter(_plans)), None)
+            found = _plans[(key, treedef)] = _filter.Plan(treedef, key.argnums)
+        return found
+
+
+def table(name: str) -> dict:
+    """Returns a named table of entries, for callers keyed without a Plan."""
+    with _lock:
+        return _tables.setdefault(name, {})
+
+
+def lookup(entries: dict, key: Any, make: Callable[[], Entry]) -> Entry:
+    """Returns `entries[key]`, made once by `make()` on a miss (thread-safe).
+
+    Weakly held static leaves in `key` evict the entry when they die.
+    """
+    entry = entries.get(key)
     if entry is not None:
         return entry
     with _lock:
-        entry = _entries.get(key)
+        entry = entries.get(key)
         if entry is not None:
             return entry
         entry = make()
         for ref in _filter.weak_referents(key):
             obj = ref()
             if obj is not None:
-                entry._refs.append(weakref.ref(obj, lambda _, key=key: _evict(key)))
-        if len(_entries) >= _MAX_ENTRIES:
-            _entries.pop(next(iter(_entries)), None)
-        _entries[key] = entry
+                entry._refs.append(weakref.ref(obj, functools.partial(_evict, entries, key)))
+        if len(entries) >= _MAX_ENTRIES:
+            entries.pop(next(iter(entries)), None)
+        entries[key] = entry
         return entry
 
 
 def cache_size() -> int:
     """Returns the number of cached programs (for tests and diagnostics)."""
-    return len(_entries)
+    plans = list(_plans.values())
+    tables = list(_tables.values())
+    return sum(len(p.entries) for p in plans) + sum(len(t) for t in tables)

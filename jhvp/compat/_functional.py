@@ -189,6 +189,9 @@ def _hessian_impl(get_f, is_inputs_tuple, create_graph, strict, vectorize, strat
     return impl
 
 
+_ENTRIES = _jit.table("compat")
+
+
 def _compiled(func, fn_name: str, key: tuple, make: Callable) -> Callable:
     if not callable(func):
         raise TypeError(f"{fn_name}: `func` must be callable, got {type(func).__name__}.")
@@ -200,7 +203,7 @@ def _compiled(func, fn_name: str, key: tuple, make: Callable) -> Callable:
         return entry
 
     call_key = _jit.CallKey.of(f"compat.{fn_name}", extra=key)
-    entry = _jit.lookup((call_key, _filter.static_key(func)), build)
+    entry = _jit.lookup(_ENTRIES, (call_key, _filter.static_key(func)), build)
     return functools.partial(entry.call, [func])
 
 
