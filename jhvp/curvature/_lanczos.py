@@ -1,0 +1,222 @@
+"""The Lanczos iteration (Lanczos 1950) with full reorthogonalisation by matrix products."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from .._typing import PyTree
+from . import _protocol
+
+REORTHO = ("full", "none")
+# Reorthogonalisation must be exact to working precision: TF32 or bf16 passes on accelerators
+# (the default for float32 matmuls on some) would leave the basis orthogonal to 1e-3 only.
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class LanczosResult(NamedTuple):
+    """The output of `lanczos`: A Q = Q T + betas[m-1] q_m e_mᵀ, T tridiagonal."""
+
+    basis: PyTree
+    """The m orthonormal Lanczos vectors q_0..q_{m-1}: the op's structure, leading axis m."""
+    alphas: jax.Array
+    """(m,): the diagonal of T, alphas[i] = q_iᵀ A q_i."""
+    betas: jax.Array
+    """(m,): betas[i] couples q_i and q_{i+1}; T's off-diagonal is betas[:m-1] and betas[m-1]
+    is the norm of the last residual."""
+    num_matvecs: jax.Array
+    """Operator applications used (< m when an invariant subspace was found: see `lanczos`)."""
+
+
+class Flat(NamedTuple):
+    """The flat iteration's state and result (internal): basis rows at and beyond `steps` are 0."""
+
+    basis: jax.Array  # (m, n)
+    alphas: jax.Array  # (m,)
+    betas: jax.Array  # (m,)
+    steps: jax.Array  # () int32: matvecs done = filled basis rows (when no restart is pending)
+    done: jax.Array  # () bool: stopped early (breakdown without restart, or `stop` said so)
+    scale: jax.Array  # () running estimate of ‖A‖, for the breakdown test
+
+
+def _orthogonalise(basis: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # Classical Gram-Schmidt against every stored row at once (unfilled rows are zero), twice:
+    # "twice is enough" (Parlett 1980, ch. 6.9, after Kahan; Giraud et al. 2005).
+    c1 = jnp.matmul(basis, w, precision=_HIGHEST)
+    w = w - jnp.matmul(c1, basis, precision=_HIGHEST)
+    c2 = jnp.matmul(basis, w, precision=_HIGHEST)
+    w = w - jnp.matmul(c2, basis, precision=_HIGHEST)
+    return w, c1 + c2
+
+
+def _normalise(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    norm = jnp.linalg.norm(v)
+    safe = jnp.where(norm > 0, norm, jnp.ones_like(norm))
+    return v / safe, norm
+
+
+def init(v0: jax.Array, num_matvecs: int) -> Flat:
+    """Returns the state before the first step: q_0 = v0/‖v0‖ (a zero v0 gives q_0 = e_0)."""
+    n, dtype = v0.shape[0], v0.dtype
+    q0, norm = _normalise(v0)
+    q0 = jnp.where(norm > 0, q0, jnp.zeros(n, dtype).at[0].set(1))
+    basis = jnp.zeros((num_matvecs, n), dtype).at[0].set(q0)
+    zeros = jnp.zeros(num_matvecs, dtype)
+    return Flat(basis, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), bool),
+                jnp.zeros((), dtype))
+
+
+def step(matvec: Callable, state: Flat, reortho: str, restart_key: Any = None) -> Flat:
+    """One Lanczos step: applies the operator once, fills alphas[j], betas[j] and row j + 1."""
+    basis, alphas, betas, j = state.basis, state.alphas, state.betas, state.steps
+    m, n = basis.shape
+    q = basis[j]
+    w = matvec(q)
+    if reortho == "full":
+        # The projection coefficients on q_j give alpha; those on q_{j-1} replace the three-term
+        # recurrence's beta_{j-1} q_{j-1}, so the recurrence and the reorthogonalisation are the
+        # same two passes over the basis.
+        w, coeffs = _orthogonalise(basis, w)
+        alpha = coeffs[j]
+    else:
+        alpha = jnp.vdot(q, w)
+        prev = basis[jnp.maximum(j - 1, 0)]
+        beta_prev = jnp.where(j > 0, betas[jnp.maximum(j - 1, 0)], jnp.zeros((), w.dtype))
+        w = w - alpha * q - beta_prev * prev
+    w, beta = _normalise(w)
+    scale = jnp.maximum(state.scale, jnp.abs(alpha) + beta)
+    # Breakdown: beta ≈ 0 means span(q_0..q_j) is invariant (Paige 1971). Normalising the
+    # leftover rounding noise would still give an orthonormal basis under full
+    # reorthogonalisation; only an exact or near-exact zero must not be divided by.
+    broken = beta <= jnp.finfo(w.dtype).eps * scale
+    last = j + 1 >= m
+    if restart_key is not None:
+        def fresh(_):
+            r = jax.random.normal(jax.random.fold_in(restart_key, j + 1), (n,), w.dtype)
+            r, _ = _orthogonalise(basis, r)
+            return _normalise(r)[0]
+
+        # A random vector orthogonal to the basis continues the iteration in a new Krylov
+        # space; T decouples (beta = 0), and its Ritz pairs stay those of A on span(Q).
+        w = jax.lax.cond(broken & ~last, fresh, lambda _: w, None)
+        done = state.done
+    else:
+        w = jnp.where(broken, jnp.zeros_like(w), w)
+        done = state.done | (broken & ~last)
+    beta = jnp.where(broken & ~last, jnp.zeros_like(beta), beta)
+    row = jnp.minimum(j + 1, m - 1)
+    basis = jax.lax.dynamic_update_slice(
+        basis, jnp.where(last, basis[row], w)[None, :], (row, jnp.zeros((), row.dtype))
+    )
+    return Flat(basis, alphas.at[j].set(alpha), betas.at[j].set(beta), j + 1, done, scale)
+
+
+def lanczos_flat(
+    matvec: Callable,
+    v0: jax.Array,
+    num_matvecs: int,
+    *,
+    reortho: str = "full",
+    restart_key: Any = None,
+    stop: Callable[[Flat], jax.Array] | None = None,
+    check_every: int = 1,
+) -> Flat:
+    """Runs up to num_matvecs steps in one `lax.while_loop` (internal, flat vectors).
+
+    Without `restart_key`, a breakdown stops the iteration (rows beyond stay zero, T decouples);
+    with it, the iteration restarts from a random vector orthogonal to the basis. `stop(state)`,
+    checked every `check_every` steps, ends the loop early when it returns True.
+    """
+
+    def cond(state):
+        return (state.steps < num_matvecs) & ~state.done
+
+    def body(state):
+        state = step(matvec, state, reortho, restart_key)
+        if stop is None:
+            return state
+        check = (state.steps % check_every == 0) & (state.steps < num_matvecs)
+        halt = jax.lax.cond(check, stop, lambda _: jnp.zeros((), bool), state)
+        return state._replace(done=state.done | halt)
+
+    return jax.lax.while_loop(cond, body, init(v0, num_matvecs))
+
+
+def _impl(flat_op, v0, *, num_matvecs, reortho):
+    out = lanczos_flat(flat_op.matvec, flat_op.ravel(v0), num_matvecs, reortho=reortho)
+    return LanczosResult(jax.vmap(flat_op.unravel)(out.basis), out.alphas, out.betas, out.steps)
+
+
+def lanczos(op: Any, v0: PyTree, num_matvecs: int, *, reortho: str = "full") -> LanczosResult:
+    """Runs m = num_matvecs Lanczos steps: A Q = Q T + β q_m e_mᵀ with Q orthonormal.
+
+    The Lanczos iteration (Lanczos 1950) builds an orthonormal basis Q of the Krylov space
+    span(v0, A v0, ..., A^{m-1} v0) in which A is the tridiagonal T = tridiag(betas[:m-1],
+    alphas, betas[:m-1]); T's eigenvalues (Ritz values) approximate A's extreme eigenvalues.
+    In floating point, the plain three-term recurrence loses orthogonality as Ritz values
+    converge and produces spurious copies ("ghosts") of them (Paige 1971); `reortho="full"`
+    orthogonalises each new vector against the whole basis, twice, as two matrix products
+    ("twice is enough", Parlett 1980): O(m n) extra work and the m×n basis in memory.
+
+    If an invariant subspace is found after j < m steps (beta ≈ 0), the iteration stops there:
+    `num_matvecs` reports j, `betas[j-1]` is 0 and the rows and entries beyond j are zero.
+
+    Args:
+        op: A `jhvp.HessianOperator` (or any jhvp operator), or a symmetric linear callable on
+            pytrees.
+        v0: The start vector, a pytree with the operator's input structure (need not be
+            normalised).
+        num_matvecs: m, the number of operator applications and of basis vectors, 1 ≤ m ≤ n.
+        reortho: "full" (default) or "none" (the plain recurrence: cheaper, loses
+            orthogonality).
+
+    Returns:
+        A `LanczosResult(basis, alphas, betas, num_matvecs)`.
+
+    Raises:
+        TypeError: `v0` has non-floating leaves; `num_matvecs` is not an int.
+        ValueError: `num_matvecs` outside [1, n]; an unknown `reortho`; `op` does not return
+            vectors of `v0`'s structure.
+
+    Examples:
+        >>> import jax.numpy as jnp, jhvp
+        >>> A = jnp.diag(jnp.array([1.0, 2.0, 3.0]))
+        >>> out = jhvp.curvature.lanczos(lambda v: A @ v, jnp.ones(3), 3)
+        >>> T = jnp.diag(out.alphas) + jnp.diag(out.betas[:2], 1) + jnp.diag(out.betas[:2], -1)
+        >>> print(jnp.round(jnp.linalg.eigvalsh(T), 4))
+        [1. 2. 3.]
+    """
+    api = "lanczos"
+    struct = _protocol.structure(op, v0, api, name="v0")
+    n = _protocol.size(struct)
+    num_matvecs = _protocol.check_int(
+        num_matvecs, "num_matvecs", api, high=n, why=f" (n = {n}, the dimension of v0)"
+    )
+    _protocol.check_choice(reortho, REORTHO, "reortho", api)
+    return _protocol.run(
+        _impl, op, struct, v0, api=api, num_matvecs=num_matvecs, reortho=reortho
+    )
+
+
+def ritz(alphas: jax.Array, betas: jax.Array, steps: jax.Array) -> tuple[jax.Array, ...]:
+    """Returns T's eigenpairs for the first `steps` rows of a padded m×m T (internal).
+
+    Returns (theta (m,), S (m, m) with eigenvectors as columns, valid (m,) bool): the padded
+    rows get a diagonal entry past T's Gershgorin bound, so their eigenpairs separate exactly
+    from T's and `valid` marks T's own.
+    """
+    m = alphas.shape[0]
+    idx = jnp.arange(m, dtype=jnp.int32)
+    used = idx < steps
+    diag = jnp.where(used, alphas, jnp.zeros_like(alphas))
+    off = jnp.where(idx[:-1] < steps - 1, betas[:-1], jnp.zeros_like(betas[:-1]))
+    bound = jnp.max(jnp.abs(diag)) + 2 * jnp.max(jnp.abs(off), initial=0)
+    sentinel = 2 * bound + 1
+    diag = jnp.where(used, diag, sentinel)
+    T = jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1)
+    theta, S = jnp.linalg.eigh(T)
+    mass = jnp.sum(jnp.where(used[:, None], S * S, jnp.zeros_like(S)), axis=0)
+    return theta, S, mass > 0.5

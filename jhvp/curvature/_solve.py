@@ -1,0 +1,242 @@
+"""Conjugate gradients on (A + λI) x = b, with Steihaug's negative-curvature rule.
+
+One `lax.while_loop` inside one jitted program; derivatives with respect to b by implicit
+differentiation (`jax.lax.custom_linear_solve`), so `jax.grad` through a solve costs one more
+solve, never a backward pass through the iterations.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Literal, NamedTuple, get_args
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._typing import PyTree
+from . import _protocol
+
+NegativeCurvature = Literal["ignore", "stop"]
+_NEGATIVE_CURVATURE: tuple[str, ...] = get_args(NegativeCurvature)
+
+
+class SolveResult(NamedTuple):
+    """The result of `solve`."""
+
+    x: PyTree
+    """The solution, with the structure of b."""
+    num_steps: jax.Array
+    """CG iterations run; each costs one matvec (one more, uncounted, forms b − A x0)."""
+    residual_norm: jax.Array
+    """‖b − (A + λI) x‖ as CG's recurrence tracks it (equal to the true one up to rounding)."""
+    converged: jax.Array
+    """Whether residual_norm ≤ max(rtol‖b‖, atol)."""
+    negative_curvature: jax.Array
+    """Whether some search direction p had pᵀ(A + λI)p ≤ 0 (the operator is not positive)."""
+
+
+def _vector_struct(tree: PyTree, struct: PyTree, name: str, api: str) -> PyTree:
+    """Checks `tree` against the operator's structure; returns it cast to its dtypes."""
+    want, want_def = jax.tree.flatten(struct)
+    got_paths, got_def = jax.tree_util.tree_flatten_with_path(tree)
+    if want_def != got_def:
+        raise ValueError(
+            f"jhvp.curvature.{api}: `{name}` must have the structure of the vectors op applies "
+            f"to ({want_def}), got {got_def}. Pass `{name}` shaped like op.in_structure()."
+        )
+    out = []
+    for (path, leaf), w in zip(got_paths, want, strict=True):
+        if tuple(np.shape(leaf)) != tuple(w.shape):
+            raise ValueError(
+                f"jhvp.curvature.{api}: `{name}` leaf {jax.tree_util.keystr(path) or '<root>'} "
+                f"has shape {tuple(np.shape(leaf))}, but op applies to shape {tuple(w.shape)}."
+            )
+        out.append(jnp.asarray(leaf, w.dtype))
+    return jax.tree.unflatten(got_def, out)
+
+
+def _check_options(damping, rtol, atol, max_steps, negative_curvature, api):
+    if negative_curvature not in _NEGATIVE_CURVATURE:
+        listed = ", ".join(repr(c) for c in _NEGATIVE_CURVATURE)
+        raise ValueError(
+            f"jhvp.curvature.{api}: unknown negative_curvature {negative_curvature!r}; valid "
+            f"values are {listed}."
+        )
+    for name, value in (("damping", damping), ("rtol", rtol), ("atol", atol)):
+        if isinstance(value, jax.core.Tracer):
+            continue  # a traced value (inside the user's jit) cannot be checked here
+        if np.ndim(value) != 0:
+            raise ValueError(
+                f"jhvp.curvature.{api}: `{name}` must be a scalar, got shape {np.shape(value)}."
+            )
+        if not np.all(np.asarray(value) >= 0):
+            fix = " (a shift that makes A + λI positive needs λ > -λ_min(A) > 0)" if (
+                name == "damping") else ""
+            raise ValueError(
+                f"jhvp.curvature.{api}: `{name}` must be non-negative, got {value!r}{fix}."
+            )
+    if max_steps is None:
+        return None
+    if isinstance(max_steps, bool):
+        raise TypeError(
+            f"jhvp.curvature.{api}: `max_steps` must be None or an int, got {max_steps!r}."
+        )
+    try:
+        steps = operator.index(max_steps)
+    except TypeError:
+        raise TypeError(
+            f"jhvp.curvature.{api}: `max_steps` must be None or an int, got "
+            f"{type(max_steps).__name__} ({max_steps!r})."
+        ) from None
+    if steps < 1:
+        raise ValueError(
+            f"jhvp.curvature.{api}: `max_steps` must be at least 1, got {steps}; pass None for "
+            "the default 10·n."
+        )
+    return steps
+
+
+def _cg(matvec, rhs, x0, tols, *, max_steps, stop, has_x0):
+    """CG (Hestenes & Stiefel 1952) with Steihaug's (1983) stop on pᵀAp ≤ 0.
+
+    Stops when ‖r‖ ≤ max(rtol‖rhs‖, atol), after max_steps iterations, or (stop=True) at the
+    first direction of non-positive curvature: then x is the last iterate, or x0 + r0 (the
+    steepest-descent direction of ½xᵀAx − bᵀx) if that happens at the first step
+    (Nocedal & Wright 2006, Algorithm 7.1).
+    """
+    rtol, atol = tols
+    dtype = rhs.dtype
+    bound = jnp.maximum(rtol * jnp.linalg.norm(rhs), atol)
+    r0 = rhs - matvec(x0) if has_x0 else rhs
+    rs0 = jnp.vdot(r0, r0)
+
+    def cond(state):
+        k, _, _, _, rs, _, halted = state
+        return (k < max_steps) & (rs > bound * bound) & ~halted
+
+    def body(state):
+        k, x, r, p, rs, negative, _ = state
+        ap = matvec(p)
+        pap = jnp.vdot(p, ap)
+        curved = pap <= jnp.zeros((), dtype)
+        alpha = rs / pap
+        x_cg, r_cg = x + alpha * p, r - alpha * ap
+        rs_cg = jnp.vdot(r_cg, r_cg)
+        p_cg = r_cg + (rs_cg / rs) * p
+        if stop:
+            first = k == 0
+            # At the first step x0 + p0 = x0 + r0 is the steepest-descent step; later, keep x_k.
+            x_neg = jnp.where(first, x + p, x)
+            r_neg = jnp.where(first, r - ap, r)
+            x_new = jnp.where(curved, x_neg, x_cg)
+            r_new = jnp.where(curved, r_neg, r_cg)
+            rs_new = jnp.where(curved, jnp.vdot(r_new, r_new), rs_cg)
+            halted = curved
+        else:
+            x_new, r_new, rs_new, halted = x_cg, r_cg, rs_cg, jnp.zeros((), bool)
+        return k + 1, x_new, r_new, p_cg, rs_new, negative | curved, halted
+
+    state = (jnp.zeros((), jnp.int32), x0, r0, r0, rs0, jnp.zeros((), bool), jnp.zeros((), bool))
+    k, x, _, _, rs, negative, _ = jax.lax.while_loop(cond, body, state)
+    norm = jnp.sqrt(rs)
+    return x, (k, norm, norm <= bound, negative)
+
+
+def _solve_impl(flat_op, b, x0, damping, rtol, atol, *, max_steps, stop):
+    dtype, n = flat_op.dtype, flat_op.n
+    lam = jnp.asarray(damping, dtype)
+
+    def matvec(v):
+        return flat_op.matvec(v) + lam * v
+
+    rhs = flat_op.ravel(b)
+    has_x0 = x0 is not None
+    start = flat_op.ravel(x0) if has_x0 else jnp.zeros((n,), dtype)
+    steps = 10 * n if max_steps is None else max_steps
+    tols = (jnp.asarray(rtol, dtype), jnp.asarray(atol, dtype))
+
+    def cg(mv, r):
+        return _cg(mv, r, start, tols, max_steps=steps, stop=stop, has_x0=has_x0)
+
+    # Implicit differentiation: d x = (A + λI)⁻¹ d b, one more (symmetric) solve per tangent.
+    x, (k, norm, converged, negative) = jax.lax.custom_linear_solve(
+        matvec, rhs, cg, symmetric=True, has_aux=True
+    )
+    return SolveResult(flat_op.unravel(x), k, norm, converged, negative)
+
+
+def solve(
+    op: Any,
+    b: PyTree,
+    *,
+    damping: float = 0.0,
+    rtol: float = 1e-5,
+    atol: float = 0.0,
+    max_steps: int | None = None,
+    x0: PyTree | None = None,
+    negative_curvature: NegativeCurvature = "ignore",
+) -> SolveResult:
+    """Solves (A + λI) x = b by conjugate gradients, λ = `damping`.
+
+    CG (Hestenes & Stiefel 1952) runs in one `jax.lax.while_loop` until
+    ‖b − (A + λI)x‖ ≤ max(rtol‖b‖, atol) or `max_steps` iterations, one matvec each. With
+    ``negative_curvature="stop"`` it follows Steihaug (1983), the rule of Newton-CG and trust
+    regions: at the first direction p with pᵀ(A + λI)p ≤ 0 it stops, sets the flag and returns
+    the last iterate, or x0 + r0 (b itself when x0 is None: the steepest-descent direction)
+    when that happens at the first step. With ``"ignore"`` CG carries on as if A + λI were
+    positive definite (it may still converge for an indefinite, nonsingular one) and only
+    reports the flag.
+
+    The result is differentiable with respect to b by implicit differentiation
+    (`jax.lax.custom_linear_solve`): a JVP or VJP costs one more solve. `jax.vmap` over a stack
+    of right-hand sides works (influence functions); the loop then runs until all have converged.
+
+    Args:
+        op: A `jhvp.HessianOperator`, another jhvp operator, or a symmetric linear callable
+            v -> A v on pytrees (b gives its structure).
+        b: The right-hand side, with the structure of the vectors op applies to.
+        damping: λ ≥ 0, added to the diagonal (Levenberg-Marquardt / Tikhonov). Traced, so
+            changing it does not recompile.
+        rtol: Relative tolerance on the residual norm.
+        atol: Absolute tolerance on the residual norm.
+        max_steps: The most CG iterations; None means 10·n.
+        x0: An initial guess with b's structure (None: zeros). Costs one extra matvec.
+        negative_curvature: "ignore" or "stop" (Steihaug's rule), see above.
+
+    Returns:
+        A `SolveResult` (x, num_steps, residual_norm, converged, negative_curvature).
+
+    Raises:
+        TypeError: `max_steps` is not an int.
+        ValueError: Negative `damping`, `rtol` or `atol`; `max_steps` < 1; an unknown
+            `negative_curvature`; b or x0 without the operator's structure.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from jhvp import curvature
+        >>> A = jnp.array([[4.0, 1.0], [1.0, 3.0]])
+        >>> result = curvature.solve(lambda v: A @ v, jnp.array([1.0, 2.0]), rtol=1e-6)
+        >>> print(jnp.round(result.x, 4), bool(result.converged))
+        [0.0909 0.6364] True
+    """
+    api = "solve"
+    steps = _check_options(damping, rtol, atol, max_steps, negative_curvature, api)
+    if hasattr(op, "in_structure"):
+        struct = _protocol.structure(op, None, api)
+    else:
+        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), b)
+        struct = _protocol.structure(op, like, api)
+    b = _vector_struct(b, struct, "b", api)
+    if x0 is not None:
+        x0 = _vector_struct(x0, struct, "x0", api)
+    try:
+        return _protocol.run(
+            _solve_impl, op, struct, b, x0, damping, rtol, atol, api=api,
+            max_steps=steps, stop=negative_curvature == "stop",
+        )
+    except ValueError as err:
+        # A plain callable took its structure from b, so the mismatch is b's, not `like`'s.
+        if hasattr(op, "in_structure") or "`like` does not match" not in str(err):
+            raise
+        raise ValueError(str(err).replace("`like`", "`b`")) from err

@@ -1,0 +1,184 @@
+"""jhvp.curvature.diagonal and diagonal_exact against dense Hessian diagonals."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import DTYPE, RTOL, X64, mlp_problem, rosenbrock, tree_allclose
+from jax.flatten_util import ravel_pytree
+
+import jhvp
+from jhvp import curvature
+from jhvp.curvature import _probes
+
+TIGHT = 1e-10 if X64 else 2e-5
+
+
+def matrix(eigenvalues, seed=0):
+    """A dense symmetric matrix with the given spectrum and random eigenvectors."""
+    lam = np.asarray(eigenvalues, np.float64)
+    u, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(lam.size, lam.size)))
+    return jnp.asarray((u * lam) @ u.T, DTYPE)
+
+
+def as_op(a):
+    return lambda v: a @ v
+
+
+def dense_diagonal(f, params, *args):
+    """diag(jax.hessian) of f over the flattened params, unravelled to the params' structure."""
+    flat, unravel = ravel_pytree(params)
+    h = jax.jit(jax.hessian(lambda z: f(unravel(z), *args)))(flat)
+    return unravel(jnp.diagonal(h))
+
+
+def many_keys(a, method, m, num_keys):
+    keys = jax.random.split(jax.random.key(11), num_keys)
+    n = a.shape[0]
+    run = jax.jit(jax.vmap(lambda k: curvature.diagonal(as_op(a), k, num_matvecs=m, method=method,
+                                                        like=jnp.zeros(n, DTYPE))[:2]))
+    est, se = run(keys)
+    return np.asarray(est, np.float64), np.asarray(se, np.float64)
+
+
+@pytest.mark.parametrize("batch_size", [None, 1, 7])
+def test_exact_matches_dense_hessian_diagonal_with_dict_params(batch_size):
+    f, (params, x, y) = mlp_problem()
+    op = jhvp.hessian_operator(f, (params, x, y))
+    result = curvature.diagonal_exact(op, batch_size=batch_size)
+    tree_allclose(result.estimate, dense_diagonal(f, params, x, y), rtol=RTOL, atol=1e-5)
+    tree_allclose(result.stderr, jax.tree.map(jnp.zeros_like, params), rtol=0, atol=0)
+    assert result.num_matvecs == op.shape[0] == 67
+
+
+def test_exact_rosenbrock():
+    x = jnp.asarray(np.random.default_rng(0).uniform(0.5, 1.5, 25), DTYPE)
+    result = curvature.diagonal_exact(jhvp.hessian_operator(rosenbrock, (x,)), batch_size=4)
+    np.testing.assert_allclose(result.estimate, jnp.diagonal(jax.hessian(rosenbrock)(x)),
+                               rtol=RTOL)
+
+
+@pytest.mark.parametrize(("method", "m"), [("hutchinson", 8), ("xdiag", 8)])
+def test_unbiased_and_stderr_plausible(method, m):
+    a = matrix(1.0 / (1.0 + np.arange(20.0)), seed=1)
+    exact = np.diagonal(np.asarray(a, np.float64))
+    est, se = many_keys(a, method, m, 200)
+    spread = est.std(axis=0, ddof=1)
+    assert np.all(np.abs(est.mean(axis=0) - exact) <= 4.5 * spread / np.sqrt(200))
+    ratio = np.median(se, axis=0) / spread
+    low, high = (0.6, 1.6) if method == "hutchinson" else (0.3, 3.0)
+    assert np.all((low <= ratio) & (ratio <= high)), ratio
+
+
+def test_xdiag_beats_hutchinson_on_decaying_spectrum():
+    a = matrix(0.5 ** np.arange(40.0), seed=2)
+    exact = np.diagonal(np.asarray(a, np.float64))
+    errors = {m: np.median(np.abs(many_keys(a, m, 16, 64)[0] - exact))
+              for m in ("hutchinson", "xdiag")}
+    assert errors["xdiag"] < errors["hutchinson"] / 2, errors
+
+
+def test_xdiag_exact_on_low_rank():
+    a = matrix(np.r_[3.0, -1.0, 0.5, np.zeros(27)], seed=3)  # rank 3 < 8/2, indefinite
+    result = curvature.diagonal(as_op(a), jax.random.key(0), num_matvecs=8, method="xdiag",
+                                like=jnp.zeros(30, DTYPE))
+    np.testing.assert_allclose(result.estimate, np.diagonal(np.asarray(a)),
+                               atol=1e-10 if X64 else 1e-5)
+    np.testing.assert_array_equal(result.stderr, np.zeros(30))
+
+
+def test_hutchinson_exact_on_diagonal_matrix_and_one_probe_is_sophia():
+    d = jnp.linspace(-1.0, 2.0, 9, dtype=DTYPE)
+    result = curvature.diagonal(lambda v: d * v, jax.random.key(0), num_matvecs=3,
+                                like=jnp.zeros(9, DTYPE))
+    np.testing.assert_allclose(result.estimate, d, rtol=TIGHT)
+    # One matvec: v ⊙ Hv with v = probe 0 (Sophia-H's estimate); its stderr is not estimable.
+    x = jnp.linspace(0.5, 1.5, 9, dtype=DTYPE)
+    h = np.asarray(jax.hessian(rosenbrock)(x), np.float64)
+    one = curvature.diagonal(jhvp.hessian_operator(rosenbrock, (x,)), jax.random.key(4),
+                             num_matvecs=1)
+    v = np.asarray(_probes.rademacher(jax.random.key(4), 0, 9, DTYPE), np.float64)
+    np.testing.assert_allclose(one.estimate, v * (h @ v), rtol=RTOL, atol=1e-4)
+    assert np.all(np.isnan(np.asarray(one.stderr)))
+
+
+def test_pytree_structure_and_mean_over_keys_for_mlp():
+    f, (params, x, y) = mlp_problem()
+    op = jhvp.hessian_operator(f, (params, x, y))
+    exact, _ = ravel_pytree(dense_diagonal(f, params, x, y))
+    result = curvature.diagonal(op, jax.random.key(0), num_matvecs=4)
+    assert jax.tree.structure(result.estimate) == jax.tree.structure(params)
+    assert jax.tree.structure(result.stderr) == jax.tree.structure(params)
+    keys = jax.random.split(jax.random.key(1), 100)
+    est = jax.jit(jax.vmap(lambda k: ravel_pytree(
+        curvature.diagonal(op, k, num_matvecs=8).estimate)[0]))(keys)
+    est = np.asarray(est, np.float64)
+    se = est.std(axis=0, ddof=1) / 10
+    assert np.all(np.abs(est.mean(axis=0) - np.asarray(exact)) <= 4.5 * se + 1e-6)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "xdiag"])
+def test_batch_size_never_changes_the_result(method):
+    a = matrix(1.0 / (1.0 + np.arange(20.0)) ** 2, seed=4)
+    results = [
+        curvature.diagonal(as_op(a), jax.random.key(5), num_matvecs=16, method=method,
+                           batch_size=b, like=jnp.zeros(20, DTYPE))
+        for b in (None, 1, 7)
+    ]
+    for r in results[1:]:
+        np.testing.assert_allclose(r.estimate, results[0].estimate, rtol=TIGHT, atol=TIGHT)
+        np.testing.assert_allclose(r.stderr, results[0].stderr, rtol=1e2 * TIGHT, atol=TIGHT)
+
+
+def test_inside_jit_with_operator_as_argument():
+    x = jnp.linspace(0.5, 1.5, 12, dtype=DTYPE)
+    op = jhvp.hessian_operator(rosenbrock, (x,))
+    key = jax.random.key(7)
+    jitted = jax.jit(lambda op, k: curvature.diagonal(op, k, num_matvecs=4, method="xdiag"))(
+        op, key)
+    direct = curvature.diagonal(op, key, num_matvecs=4, method="xdiag")
+    np.testing.assert_allclose(jitted.estimate, direct.estimate, rtol=TIGHT, atol=TIGHT)
+    exact = jax.jit(lambda op: curvature.diagonal_exact(op).estimate)(op)
+    np.testing.assert_allclose(exact, jnp.diagonal(jax.hessian(rosenbrock)(x)), rtol=RTOL)
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+def call(**kw):
+    args = dict(num_matvecs=2, like=jnp.zeros(6, DTYPE)) | kw
+    return curvature.diagonal(lambda v: 2 * v, jax.random.key(0), **args)
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "match"),
+    [
+        (dict(num_matvecs=7), ValueError, r"curvature\.diagonal: `num_matvecs` \(7\) exceeds .* n = 6.*diagonal_exact"),
+        (dict(num_matvecs=0), ValueError, r"curvature\.diagonal: `num_matvecs` must be at least 1"),
+        (dict(num_matvecs=None), TypeError, r"curvature\.diagonal: `num_matvecs` must be an int"),
+        (dict(num_matvecs=3, method="xdiag"), ValueError, r"'xdiag' needs `num_matvecs` divisible by 2"),
+        (dict(method="bekas"), ValueError, r"curvature\.diagonal: unknown method 'bekas'.*'xdiag'"),
+        (dict(batch_size=-1), ValueError, r"curvature\.diagonal: `batch_size` must be a positive"),
+        (dict(like=None), TypeError, r"curvature\.diagonal: `op` is a plain callable; pass `like=`"),
+        (dict(like={"a": jnp.zeros(6, jnp.int32)}), TypeError, r"curvature\.diagonal: .*real floating"),
+    ],
+)
+def test_errors(kw, error, match):
+    with pytest.raises(error, match=match):
+        call(**kw)
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "match"),
+    [
+        (dict(batch_size=0), ValueError, r"curvature\.diagonal_exact: `batch_size` must be a positive"),
+        (dict(batch_size="4"), TypeError, r"curvature\.diagonal_exact: `batch_size` must be None"),
+        (dict(like=None), TypeError, r"curvature\.diagonal_exact: `op` is a plain callable"),
+        (dict(like=jnp.zeros((2, 3), DTYPE)), ValueError, r"curvature\.diagonal_exact: `like` does not match"),
+    ],
+)
+def test_exact_errors(kw, error, match):
+    a = jnp.eye(6, dtype=DTYPE)
+    args = dict(like=jnp.zeros(6, DTYPE)) | kw
+    with pytest.raises(error, match=match):
+        curvature.diagonal_exact(lambda v: a @ v, **args)

@@ -1,0 +1,113 @@
+"""jhvp.curvature.lanczos: the Krylov relation, orthogonality, ghosts, breakdown, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import DTYPE, X64, mlp_problem
+from jax.flatten_util import ravel_pytree
+
+import jhvp
+from jhvp.curvature import lanczos
+
+EPS = float(jnp.finfo(DTYPE).eps)
+
+
+def sym_matrix(eigenvalues, seed=0):
+    rng = np.random.default_rng(seed)
+    n = len(eigenvalues)
+    U, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    return (U * np.asarray(eigenvalues)) @ U.T
+
+
+def tridiag(alphas, betas):
+    a, b = np.asarray(alphas, np.float64), np.asarray(betas, np.float64)
+    return np.diag(a) + np.diag(b[:-1], 1) + np.diag(b[:-1], -1)
+
+
+def clustered(n=300):
+    """A bulk of 290 eigenvalues in [0, 1] and 10 well-separated outliers that converge fast:
+    the plain recurrence then loses orthogonality and repeats them (Paige 1971)."""
+    return np.concatenate([np.linspace(0.0, 1.0, n - 10), 1.0 + 10.0 * np.arange(1, 11)])
+
+
+def test_krylov_relation_and_projection():
+    A = sym_matrix(np.linspace(-2.0, 3.0, 40), seed=1)
+    v0 = np.random.default_rng(2).standard_normal(40)
+    m = 12
+    out = lanczos(lambda v: jnp.asarray(A, DTYPE) @ v, jnp.asarray(v0, DTYPE), m)
+    Q = np.asarray(out.basis, np.float64)
+    T = tridiag(out.alphas, out.betas)
+    tol = 1e-10 if X64 else 2e-5
+    assert int(out.num_matvecs) == m
+    np.testing.assert_allclose(Q[0], v0 / np.linalg.norm(v0), atol=tol)
+    np.testing.assert_allclose(Q @ A @ Q.T, T, atol=tol * 10)
+    # A q_i = b_{i-1} q_{i-1} + a_i q_i + b_i q_{i+1}, checked where q_{i+1} is in the basis.
+    AQ = Q @ A
+    np.testing.assert_allclose(AQ[: m - 1], T[: m - 1] @ Q, atol=tol * 10)
+
+
+@pytest.mark.parametrize("reortho", ["full", "none"])
+def test_ghosts_only_without_reorthogonalisation(reortho):
+    ev = clustered()
+    A = jnp.asarray(sym_matrix(ev), DTYPE)
+    v0 = jnp.asarray(np.random.default_rng(0).standard_normal(ev.size), DTYPE)
+    m = 80
+    out = lanczos(lambda v: A @ v, v0, m, reortho=reortho)
+    Q = np.asarray(out.basis, np.float64)
+    loss = np.abs(Q @ Q.T - np.eye(m)).max()
+    ritz = np.linalg.eigvalsh(tridiag(out.alphas, out.betas))
+    copies_of_top = int(np.sum(np.abs(ritz - ev.max()) < 0.5))
+    if reortho == "full":
+        assert loss <= 10 * np.sqrt(EPS), loss
+        assert copies_of_top == 1
+        # Ritz values interlace: none may leave the spectrum's hull.
+        assert ritz.min() >= ev.min() - 1e-3 and ritz.max() <= ev.max() + 1e-3
+    else:
+        assert loss > 0.1, loss
+        assert copies_of_top > 1
+
+
+def test_breakdown_stops_without_nan():
+    A = jnp.diag(jnp.arange(1.0, 7.0, dtype=DTYPE))
+    v0 = jnp.asarray([1.0, 1.0, 0.0, 0.0, 0.0, 0.0], DTYPE)  # in a 2-dimensional invariant space
+    out = lanczos(lambda v: A @ v, v0, 5)
+    assert int(out.num_matvecs) == 2
+    assert np.all(np.isfinite(np.asarray(out.basis)))
+    np.testing.assert_array_equal(np.asarray(out.basis)[2:], 0.0)
+    assert float(out.betas[1]) == 0.0
+    np.testing.assert_allclose(np.linalg.eigvalsh(tridiag(out.alphas[:2], out.betas[:2])),
+                               [1.0, 2.0], rtol=1e-5)
+
+
+def test_hessian_operator_with_dict_params_and_jit():
+    f, primals = mlp_problem()
+    op = jhvp.hessian_operator(f, primals)
+    H = np.asarray(jax.hessian(lambda z: f(ravel_pytree(primals[0])[1](z), *primals[1:]))(
+        ravel_pytree(primals[0])[0]), np.float64)
+    v0 = jax.tree.map(jnp.ones_like, primals[0])
+    m = 10
+    out = jax.jit(lambda op, v: lanczos(op, v, m))(op, v0)
+    assert jax.tree.structure(out.basis) == jax.tree.structure(v0)
+    assert jax.tree.leaves(out.basis)[0].shape[0] == m
+    Q = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(out.basis), np.float64)
+    tol = 1e-9 if X64 else 1e-4
+    np.testing.assert_allclose(Q @ Q.T, np.eye(m), atol=tol)
+    np.testing.assert_allclose(Q @ H @ Q.T, tridiag(out.alphas, out.betas), atol=tol * 10)
+
+
+def test_errors():
+    A = jnp.eye(4, dtype=DTYPE)
+    v0 = jnp.ones(4, DTYPE)
+    with pytest.raises(ValueError, match=r"lanczos: `num_matvecs` must be between 1 and 4"):
+        lanczos(lambda v: A @ v, v0, 5)
+    with pytest.raises(ValueError, match=r"`num_matvecs` must be between 1 and 4.*got 0"):
+        lanczos(lambda v: A @ v, v0, 0)
+    with pytest.raises(TypeError, match=r"`num_matvecs` must be an int"):
+        lanczos(lambda v: A @ v, v0, 2.0)
+    with pytest.raises(ValueError, match=r"unknown `reortho` 'partial'.*'full', 'none'"):
+        lanczos(lambda v: A @ v, v0, 2, reortho="partial")
+    with pytest.raises(ValueError, match=r"`like` does not match what op returns.*shape \(4,\)"):
+        lanczos(lambda v: jnp.concatenate([v, v]), v0, 2)
+    with pytest.raises(TypeError, match=r"`v0`\['a'\] has dtype int32"):
+        lanczos(lambda v: v, {"a": jnp.ones(3, jnp.int32)}, 2)

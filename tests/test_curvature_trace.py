@@ -1,0 +1,168 @@
+"""jhvp.curvature.trace: Hutchinson, Hutch++ and XTrace against dense traces."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import DTYPE, X64, mlp_problem, rosenbrock
+from jax.flatten_util import ravel_pytree
+
+import jhvp
+from jhvp import curvature
+from jhvp.curvature import _probes
+
+METHODS = ["hutchinson", "hutch++", "xtrace"]
+TIGHT = 1e-10 if X64 else 2e-5  # the same arithmetic, reordered
+
+
+def matrix(eigenvalues, seed=0):
+    """A dense symmetric matrix with the given spectrum and random eigenvectors."""
+    lam = np.asarray(eigenvalues, np.float64)
+    u, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(lam.size, lam.size)))
+    return jnp.asarray((u * lam) @ u.T, DTYPE)
+
+
+def as_op(a):
+    return lambda v: a @ v
+
+
+def low_rank_loss(p):
+    """Σ cosh(J p) over dict params, J 2×10: the Hessian Jᵀ diag(cosh(Jp)) J has rank 2."""
+    j = jnp.stack([jnp.linspace(-1.0, 1.0, 10, dtype=DTYPE), jnp.cos(jnp.arange(10, dtype=DTYPE))])
+    flat = jnp.concatenate([p["a"].reshape(-1), p["b"]])
+    return jnp.sum(jnp.cosh(j @ flat))
+
+
+def many_keys(op_like, method, m, num_keys, **kw):
+    """Estimates and stderrs over num_keys keys, vmapped in one jitted program."""
+    op, like = op_like
+    keys = jax.random.split(jax.random.key(42), num_keys)
+    run = jax.jit(jax.vmap(lambda k: curvature.trace(op, k, num_matvecs=m, method=method,
+                                                     like=like, **kw)[:2]))
+    est, se = run(keys)
+    return np.asarray(est, np.float64), np.asarray(se, np.float64)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unbiased_and_stderr_plausible(method):
+    a = matrix(1.0 / (1.0 + np.arange(24.0)), seed=1)
+    exact = float(np.trace(np.asarray(a, np.float64)))
+    est, se = many_keys((as_op(a), jnp.zeros(24, DTYPE)), method, 6, 200)
+    spread = est.std(ddof=1)
+    assert abs(est.mean() - exact) <= 4 * spread / np.sqrt(est.size)
+    # The returned stderr estimates the spread of one estimate over keys.
+    factor = 1.5 if method == "hutchinson" else 3.0
+    assert spread / factor <= np.median(se) <= spread * factor
+
+
+def test_low_rank_methods_beat_hutchinson_on_decaying_spectrum():
+    a = matrix(0.5 ** np.arange(40.0), seed=2)
+    exact = float(np.trace(np.asarray(a, np.float64)))
+    errors = {
+        method: np.median(np.abs(many_keys((as_op(a), jnp.zeros(40, DTYPE)), method, 12, 64)[0]
+                                 - exact))
+        for method in METHODS
+    }
+    assert errors["hutch++"] < errors["hutchinson"] / 2, errors
+    assert errors["xtrace"] < errors["hutchinson"] / 2, errors
+
+
+@pytest.mark.parametrize(("method", "m"), [("hutch++", 6), ("hutch++", 9), ("xtrace", 6)])
+def test_exact_on_low_rank_hessian_with_dict_params(method, m):
+    # rank 2 ≤ m/3 (hutch++), rank 2 < m/2 (xtrace): the sketch captures the whole range.
+    params = {"a": jnp.full((2, 3), 0.3, DTYPE), "b": jnp.array([0.1, -0.2, 0.5, 1.0], DTYPE)}
+    op = jhvp.hessian_operator(low_rank_loss, (params,))
+    flat, unravel = ravel_pytree(params)
+    dense = jax.jit(jax.hessian(lambda z: low_rank_loss(unravel(z))))(flat)
+    assert np.linalg.matrix_rank(np.asarray(dense, np.float64), tol=1e-4) == 2
+    result = curvature.trace(op, jax.random.key(3), num_matvecs=m, method=method)
+    exact = np.trace(np.asarray(dense, np.float64))
+    np.testing.assert_allclose(float(result.estimate), exact, rtol=1e-8 if X64 else 1e-4)
+    assert float(result.stderr) <= (1e-8 if X64 else 1e-3) * abs(exact)
+    assert result.num_matvecs == m
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rosenbrock_hessian_operator(method):
+    x = jnp.asarray(np.random.default_rng(0).uniform(0.5, 1.5, 30), DTYPE)
+    op = jhvp.hessian_operator(rosenbrock, (x,))
+    exact = float(np.trace(np.asarray(jax.hessian(rosenbrock)(x), np.float64)))
+    result = curvature.trace(op, jax.random.key(0), num_matvecs=30, method=method)
+    assert result.num_matvecs == 30
+    # Unbiased with a sensible stderr: a fixed key lands within a few of them.
+    assert abs(float(result.estimate) - exact) <= 5 * float(result.stderr)
+    assert float(result.stderr) < 0.2 * abs(exact)
+
+
+def test_mlp_dict_params_mean_over_keys():
+    f, (params, x, y) = mlp_problem()
+    op = jhvp.hessian_operator(f, (params, x, y))
+    flat, unravel = ravel_pytree(params)
+    exact = float(np.trace(np.asarray(jax.jit(jax.hessian(lambda z: f(unravel(z), x, y)))(flat),
+                                      np.float64)))
+    est, _ = many_keys((op, None), "hutchinson", 12, 100)
+    assert abs(est.mean() - exact) <= 4 * est.std(ddof=1) / np.sqrt(est.size)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_size_never_changes_the_result(method):
+    a = matrix(1.0 / (1.0 + np.arange(20.0)) ** 2, seed=4)
+    results = [
+        curvature.trace(as_op(a), jax.random.key(5), num_matvecs=12, method=method,
+                        batch_size=b, like=jnp.zeros(20, DTYPE))
+        for b in (None, 1, 7)
+    ]
+    for r in results[1:]:
+        np.testing.assert_allclose(r.estimate, results[0].estimate, rtol=TIGHT, atol=TIGHT)
+        np.testing.assert_allclose(r.stderr, results[0].stderr, rtol=1e3 * TIGHT, atol=TIGHT)
+
+
+def test_inside_jit_with_operator_as_argument():
+    x = jnp.linspace(0.5, 1.5, 12, dtype=DTYPE)
+    op = jhvp.hessian_operator(rosenbrock, (x,))
+    key = jax.random.key(7)
+    jitted = jax.jit(lambda op, k: curvature.trace(op, k, num_matvecs=6).estimate)(op, key)
+    direct = curvature.trace(op, key, num_matvecs=6).estimate
+    np.testing.assert_allclose(jitted, direct, rtol=TIGHT)
+
+
+def test_probe_i_depends_only_on_fold_in_key_i():
+    # Hutchinson with m probes: probes 0..m-1 are the first m of a longer run.
+    a = matrix(np.linspace(1.0, 2.0, 10), seed=6)
+    like = jnp.zeros(10, DTYPE)
+    short = curvature.trace(as_op(a), jax.random.key(0), num_matvecs=4, method="hutchinson",
+                            like=like)
+    signs = [np.asarray(_probes.rademacher(jax.random.key(0), i, 10, DTYPE), np.float64)
+             for i in range(4)]
+    dense = np.asarray(a, np.float64)
+    expect = np.mean([s @ dense @ s for s in signs])
+    np.testing.assert_allclose(float(short.estimate), expect, rtol=1e-10 if X64 else 1e-5)
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+def call(**kw):
+    a = jnp.eye(6, dtype=DTYPE)
+    args = dict(num_matvecs=3, like=jnp.zeros(6, DTYPE)) | kw
+    return curvature.trace(as_op(a), jax.random.key(0), **args)
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "match"),
+    [
+        (dict(num_matvecs=9), ValueError, r"curvature\.trace: `num_matvecs` \(9\) exceeds .* n = 6"),
+        (dict(num_matvecs=0), ValueError, r"curvature\.trace: `num_matvecs` must be at least 1"),
+        (dict(num_matvecs=3.0), TypeError, r"curvature\.trace: `num_matvecs` must be an int"),
+        (dict(num_matvecs=4), ValueError, r"'hutch\+\+' needs `num_matvecs` divisible by 3.*use 3 or 6"),
+        (dict(num_matvecs=3, method="xtrace"), ValueError, r"'xtrace' needs .* divisible by 2.*2 or 4"),
+        (dict(method="girard"), ValueError, r"curvature\.trace: unknown method 'girard'.*'hutch\+\+'"),
+        (dict(batch_size=0), ValueError, r"curvature\.trace: `batch_size` must be a positive int"),
+        (dict(batch_size=2.0), TypeError, r"curvature\.trace: `batch_size` must be None or"),
+        (dict(like=None), TypeError, r"curvature\.trace: `op` is a plain callable; pass `like=`"),
+        (dict(like=jnp.zeros(5, DTYPE)), ValueError, r"curvature\.trace: `like` does not match"),
+    ],
+)
+def test_errors(kw, error, match):
+    with pytest.raises(error, match=match):
+        call(**kw)
