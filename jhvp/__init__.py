@@ -15,11 +15,15 @@ Examples:
 
 import importlib.metadata as _metadata
 
+from . import curvature as curvature
 from ._hvp import hvp as hvp
 from ._hvp import value_grad_hvp as value_grad_hvp
 from ._hvp import vhp as vhp
 from ._operator import HessianOperator as HessianOperator
 from ._operator import hessian_operator as hessian_operator
+from .interop import scipy_objective as scipy_objective
+from .interop import to_lineax as to_lineax
+from .interop import to_scipy as to_scipy
 
 try:
     __version__ = _metadata.version("jhvp")
@@ -27,4 +31,13 @@ except _metadata.PackageNotFoundError:  # imported from a source tree that was n
     __version__ = "0+unknown"
 del _metadata
 
-__all__ = ["HessianOperator", "hessian_operator", "hvp", "value_grad_hvp", "vhp"]
+__all__ = [
+    "HessianOperator",
+    "hessian_operator",
+    "hvp",
+    "scipy_objective",
+    "to_lineax",
+    "to_scipy",
+    "value_grad_hvp",
+    "vhp",
+]

@@ -1,0 +1,286 @@
+"""Bridges to SciPy and Lineax: operators as their linear operators, a loss as an objective.
+
+`to_scipy` and `to_lineax` take what `jhvp.curvature` takes: a `jhvp.HessianOperator` (or another
+jhvp operator), or any symmetric linear callable `v -> A v` on pytrees together with `like=`, a
+pytree of arrays or `jax.ShapeDtypeStruct` with the structure of v. `scipy_objective` turns a JAX
+loss into the `fun`, `jac` and `hessp` that `scipy.optimize.minimize` calls.
+
+SciPy and Lineax are optional: each function imports its library when called, and says which
+extra to install when it is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+from jax.typing import ArrayLike
+
+from . import _checks
+from ._typing import PyTree
+from .curvature import _protocol
+
+
+def _require(module: str, extra: str, api: str) -> Any:
+    try:
+        # The top-level package first, so a blocked `sys.modules["scipy"] = None` counts as
+        # missing even after `scipy.sparse.linalg` was imported.
+        importlib.import_module(module.partition(".")[0])
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"jhvp.{api} needs the optional dependency {extra!r}, which is not installed. "
+            f'Install it with: pip install "jhvp[{extra}]"'
+        ) from err
+
+
+def _structure(op: Any, like: PyTree, api: str) -> PyTree:
+    if like is None and not hasattr(op, "in_structure"):
+        raise TypeError(
+            f"jhvp.{api}: `op` is a plain callable, so the structure of its vectors is unknown; "
+            "pass `like=` (a pytree of arrays or jax.ShapeDtypeStruct with the structure of v)."
+        )
+    return _protocol.structure(op, like, api)
+
+
+def _matvec(flat_op: _protocol.FlatOperator, x: jax.Array) -> jax.Array:
+    return flat_op.matvec(x.astype(flat_op.dtype))
+
+
+def _matmat(flat_op: _protocol.FlatOperator, xs: jax.Array) -> jax.Array:
+    return jax.vmap(flat_op.matvec, in_axes=1, out_axes=1)(xs.astype(flat_op.dtype))
+
+
+def to_scipy(op: Any, *, like: PyTree = None) -> Any:
+    """Returns `op` as a `scipy.sparse.linalg.LinearOperator` on flat float64 vectors.
+
+    Vector entries are ordered as `jax.flatten_util.ravel_pytree` orders the structure (`like`,
+    else `op.in_structure()`). A float64 vector is cast to the operator's dtype, applied in one
+    compiled call with the operator's arrays as arguments (ravel and unravel inside it), and
+    copied back to the host as float64; `matmat` applies a block of columns in one
+    `jax.vmap`-ed call. The operator is symmetric: `rmatvec` is `matvec`, `rmatmat` is `matmat`.
+
+    Args:
+        op: A jhvp operator, or a symmetric linear callable `v -> A v` on pytrees.
+        like: The structure of v: a pytree of arrays or `jax.ShapeDtypeStruct`. Required for a
+            plain callable; for a jhvp operator it overrides `op.in_structure()`.
+
+    Returns:
+        A float64 `scipy.sparse.linalg.LinearOperator` of shape (n, n), n the number of scalar
+        entries of v.
+
+    Raises:
+        ImportError: SciPy is not installed.
+        TypeError: `op` is a plain callable and `like` is None; a `like` leaf is not a
+            floating-point array or `jax.ShapeDtypeStruct`.
+
+    Examples:
+        >>> import jax.numpy as jnp, numpy as np, jhvp
+        >>> from jhvp.interop import to_scipy
+        >>> op = jhvp.hessian_operator(lambda x: jnp.sum(x ** 3), (jnp.array([1.0, 2.0]),))
+        >>> A = to_scipy(op)
+        >>> A.shape, A.dtype
+        ((2, 2), dtype('float64'))
+        >>> A @ np.array([1.0, 1.0])
+        array([ 6., 12.])
+        >>> B = to_scipy(lambda v: {"w": 2.0 * v["w"]}, like={"w": jnp.zeros(3)})
+        >>> B.matmat(np.eye(3))[:, 0]
+        array([2., 0., 0.])
+    """
+    sla = _require("scipy.sparse.linalg", "scipy", "to_scipy")
+    struct = _structure(op, like, "to_scipy")
+    n = sum(math.prod(s.shape) for s in jax.tree.leaves(struct))
+
+    def matvec(x: np.ndarray) -> np.ndarray:
+        # scipy may pass an (n, 1) column; it reshapes what comes back itself.
+        y = _protocol.run(_matvec, op, struct, np.reshape(x, (n,)), api="to_scipy")
+        return np.array(y, dtype=np.float64)
+
+    def matmat(xs: np.ndarray) -> np.ndarray:
+        return np.array(_protocol.run(_matmat, op, struct, xs, api="to_scipy"), dtype=np.float64)
+
+    return sla.LinearOperator(
+        (n, n), matvec=matvec, rmatvec=matvec, matmat=matmat, rmatmat=matmat, dtype=np.float64
+    )
+
+
+def to_lineax(op: Any, *, psd: bool = False, like: PyTree = None) -> Any:
+    """Returns `op` as a `lineax.FunctionLinearOperator`, tagged symmetric.
+
+    Its input structure is the `jax.ShapeDtypeStruct` pytree of v (`like`, else
+    `op.in_structure()`). It always carries `lineax.symmetric_tag`, and
+    `lineax.positive_semidefinite_tag` when `psd=True` or when the operator's class declares
+    `psd = True` (the Gauss-Newton and Fisher operators do; a Hessian is PSD only near a
+    minimum, so say so with `psd=True`). Solvers such as `lineax.CG` require these tags.
+
+    Args:
+        op: A jhvp operator, or a symmetric linear callable `v -> A v` on pytrees.
+        psd: Whether to tag the operator positive semidefinite.
+        like: The structure of v: a pytree of arrays or `jax.ShapeDtypeStruct`. Required for a
+            plain callable; for a jhvp operator it overrides `op.in_structure()`.
+
+    Returns:
+        A `lineax.FunctionLinearOperator` whose `mv` applies `op`.
+
+    Raises:
+        ImportError: Lineax is not installed.
+        TypeError: As `to_scipy`.
+
+    Examples:
+        >>> import jax.numpy as jnp, lineax as lx, jhvp
+        >>> from jhvp.interop import to_lineax
+        >>> op = jhvp.hessian_operator(lambda x: jnp.sum(x ** 2), (jnp.ones(2),))  # H = 2 I
+        >>> A = to_lineax(op, psd=True)
+        >>> lx.is_symmetric(A), lx.is_positive_semidefinite(A)
+        (True, True)
+        >>> sol = lx.linear_solve(A, jnp.array([2.0, 4.0]), lx.CG(rtol=1e-6, atol=1e-6))
+        >>> print(sol.value)
+        [1. 2.]
+    """
+    lx = _require("lineax", "lineax", "to_lineax")
+    struct = _structure(op, like, "to_lineax")
+    tags = [lx.symmetric_tag]
+    if psd or getattr(type(op), "psd", False):
+        tags.append(lx.positive_semidefinite_tag)
+    return lx.FunctionLinearOperator(op, struct, tags)
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, jax.Array | np.ndarray | np.generic)
+
+
+class ScipyObjective:
+    """A loss f as `scipy.optimize.minimize` calls it: float64 numpy vectors in and out.
+
+    Build it with `scipy_objective`. `x` is the flat vector of the differentiated primals in
+    `jax.flatten_util.ravel_pytree` order; the other primals are held fixed (their arrays are
+    arguments of the compiled calls, never baked-in constants).
+
+    Attributes:
+        x0: The starting point: the differentiated primals, flat, float64.
+    """
+
+    def __init__(
+        self, f: Callable, primals: tuple, argnums: tuple[int, ...], single: bool, api: str
+    ):
+        diff = tuple(primals[i] for i in argnums)
+        flat0, unravel = ravel_pytree(diff)
+        self.x0: np.ndarray = np.array(flat0, dtype=np.float64)
+        self._single = single
+        self._dtype = flat0.dtype
+        self._unravel = unravel
+        # The fixed primals: arrays become arguments, every other leaf stays Python (static).
+        fixed = tuple(None if i in argnums else p for i, p in enumerate(primals))
+        leaves, treedef = jax.tree.flatten(fixed)
+        self._data = [x for x in leaves if _is_array(x)]
+        static = [None if _is_array(x) else (x,) for x in leaves]
+        dtype = self._dtype
+
+        def loss(flat: jax.Array, data: list) -> jax.Array:
+            it = iter(data)
+            args = list(jax.tree.unflatten(treedef, [next(it) if s is None else s[0]
+                                                     for s in static]))
+            for i, x in zip(argnums, unravel(flat), strict=True):
+                args[i] = x
+            return f(*args)
+
+        _checks.check_scalar_output(jax.eval_shape(loss, flat0, self._data), False, api)
+
+        def value_and_grad(x: jax.Array, data: list) -> tuple[jax.Array, jax.Array]:
+            return jax.value_and_grad(loss)(x.astype(dtype), data)
+
+        def hessp(x: jax.Array, p: jax.Array, data: list) -> jax.Array:
+            grad = jax.grad(loss)
+            return jax.jvp(lambda z: grad(z, data), (x.astype(dtype),), (p.astype(dtype),))[1]
+
+        self._value_and_grad = jax.jit(value_and_grad)
+        self._hessp = jax.jit(hessp)
+        self._x: np.ndarray | None = None  # the last point evaluated, with its value and grad
+        self._value, self._grad = 0.0, self.x0
+
+    def _evaluate(self, x: ArrayLike) -> tuple[float, np.ndarray]:
+        x = np.asarray(x, dtype=np.float64)
+        if self._x is None or not np.array_equal(x, self._x):
+            value, grad = self._value_and_grad(x, self._data)
+            self._value, self._grad = float(value), np.array(grad, dtype=np.float64)
+            self._x = x.copy()
+        return self._value, self._grad
+
+    def fun(self, x: ArrayLike) -> float:
+        """Returns f at the flat point x (shares one compiled evaluation with `jac`)."""
+        return self._evaluate(x)[0]
+
+    def jac(self, x: ArrayLike) -> np.ndarray:
+        """Returns ∇f at the flat point x, flat, float64."""
+        return self._evaluate(x)[1].copy()
+
+    def hessp(self, x: ArrayLike, p: ArrayLike) -> np.ndarray:
+        """Returns H·p at the flat point x (forward-over-reverse), flat, float64."""
+        out = self._hessp(np.asarray(x, np.float64), np.asarray(p, np.float64), self._data)
+        return np.array(out, dtype=np.float64)
+
+    def unravel(self, x: ArrayLike) -> PyTree:
+        """Returns the flat vector x as the differentiated primal(s), in their dtypes."""
+        out = self._unravel(jnp.asarray(np.asarray(x), self._dtype))
+        return out[0] if self._single else out
+
+    def __repr__(self) -> str:
+        return f"ScipyObjective(n={self.x0.size})"
+
+
+def scipy_objective(
+    f: Callable, primals: Sequence[Any], *, argnums: int | Sequence[int] = 0
+) -> ScipyObjective:
+    """Returns f as a `ScipyObjective`: `fun`, `jac` and `hessp` on flat float64 vectors.
+
+    For `scipy.optimize.minimize`'s Newton-type methods (`trust-krylov`, `trust-ncg`,
+    `Newton-CG`), which need only H·p. `fun` and `jac` come from one compiled
+    `jax.value_and_grad`, remembered for the last x, so a `fun` and a `jac` at the same point
+    cost one evaluation; `hessp` is one compiled forward-over-reverse H·p. Each is compiled once
+    per `ScipyObjective`. SciPy itself is not needed to build one.
+
+    Args:
+        f: A function of `*primals` returning a real scalar.
+        primals: A tuple of f's positional arguments; the differentiated ones give `x0`.
+        argnums: Which arguments are optimised, as in `jax.grad`; with a tuple, x concatenates
+            them in order. The others (data, a batch) are held fixed.
+
+    Returns:
+        A `ScipyObjective` with `x0`, `fun(x)`, `jac(x)`, `hessp(x, p)` and `unravel(x)`.
+
+    Raises:
+        TypeError: `f` is not callable; `primals` is not a tuple or list; a differentiated leaf
+            is not a floating-point array or float; f does not return a real scalar.
+        ValueError: `argnums` is out of range or repeats an argument.
+
+    Examples:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from scipy.optimize import minimize
+        >>> from jhvp.interop import scipy_objective
+        >>> f = lambda w, x, y: jnp.sum((x @ w - y) ** 2)  # least squares in w; x, y fixed
+        >>> obj = scipy_objective(f, (jnp.zeros(2), jnp.eye(2), jnp.array([1.0, 2.0])))
+        >>> res = minimize(obj.fun, obj.x0, jac=obj.jac, hessp=obj.hessp, method="trust-krylov")
+        >>> print(np.round(obj.unravel(res.x), 4))
+        [1. 2.]
+    """
+    api = "scipy_objective"
+    _checks.check_callable(f, api)
+    primals = _checks.check_primals(primals, api)
+    nums = _checks.check_argnums(argnums, len(primals), api)
+    for i in nums:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(primals[i])[0]:
+            where = f"primals[{i}]{jax.tree_util.keystr(path)}"
+            if not (_is_array(leaf) or isinstance(leaf, float)):
+                raise TypeError(
+                    f"jhvp.{api}: differentiated primals must be pytrees of floating-point "
+                    f"arrays, but {where} is {type(leaf).__name__} ({leaf!r}). Move it to an "
+                    "argument left out of `argnums`."
+                )
+            _checks.check_differentiable_leaf(leaf, where, api)
+    return ScipyObjective(f, primals, nums, not isinstance(argnums, tuple | list), api)
