@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from jhvp._typing import MODES, STRATEGIES  # noqa: F401 - the one list, from the Literal types
+
 X64 = bool(jax.config.jax_enable_x64)
 DTYPE = jnp.float64 if X64 else jnp.float32
 RTOL, ATOL = (1e-9, 1e-11) if X64 else (2e-4, 2e-5)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import DTYPE, mlp_problem, random_like, rosenbrock
+from helpers import DTYPE, MODES, mlp_problem, random_like, rosenbrock
 
 import jhvp
 
@@ -121,7 +121,7 @@ def _dynamic_loop(x):
     return jax.lax.while_loop(cond, body, (jnp.zeros((), x.dtype), jnp.sum(x)))[1]
 
 
-@pytest.mark.parametrize("mode", ["fwd_rev", "rev_rev", "rev_fwd"])
+@pytest.mark.parametrize("mode", MODES)
 def test_while_loop_explains_the_fix(mode):
     with pytest.raises(ValueError, match=r"jhvp.hvp: f contains a `lax.while_loop`.*lax.scan.*fori_loop"):
         jhvp.hvp(_dynamic_loop, (x3,), x3, mode=mode)

@@ -19,6 +19,7 @@ def test_there_are_notebooks():
     assert names == ["01_quickstart.ipynb", "02_from_pytorch.ipynb", "03_newton_cg.ipynb"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(X64, reason="the notebooks run once, in the suite's default (float32) pass")
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_executes(path, tmp_path):

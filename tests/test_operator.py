@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from helpers import (
     DTYPE,
+    STRATEGIES,
     dense_hvp,
     mlp_problem,
     model_problem,
@@ -19,8 +20,6 @@ from helpers import (
 )
 
 import jhvp
-
-STRATEGIES = ["auto", "linearize", "recompute"]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -8,12 +8,12 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import X64, dense_hvp, mlp_problem, rand, random_like, rosenbrock, tree_allclose
+from helpers import MODES, X64, dense_hvp, mlp_problem, rand, random_like, rosenbrock, tree_allclose
 
 import jhvp
 
 
-@pytest.mark.parametrize("mode", ["fwd_rev", "rev_rev", "rev_fwd"])
+@pytest.mark.parametrize("mode", MODES)
 def test_inside_user_jit(mode):
     f, primals = mlp_problem()
     v = random_like(primals[0], 1)
@@ -25,7 +25,7 @@ def test_inside_user_jit(mode):
     tree_allclose(step(*primals, v), dense_hvp(f, primals, v))
 
 
-@pytest.mark.parametrize("mode", ["fwd_rev", "rev_rev", "rev_fwd"])
+@pytest.mark.parametrize("mode", MODES)
 def test_vmap_over_a_stack_of_tangents(mode):
     x = rand(0, (5,))
     V = rand(1, (3, 5))
@@ -42,7 +42,7 @@ def test_vmap_over_primals():
     tree_allclose(got, expected)
 
 
-@pytest.mark.parametrize("mode", ["fwd_rev", "rev_rev", "rev_fwd"])
+@pytest.mark.parametrize("mode", MODES)
 def test_grad_of_hvp_is_third_order(mode):
     # f = Σ x³/6 ⇒ H·v = x ⊙ v ⇒ ∇_x <u, H·v> = u ⊙ v exactly.
     f = lambda x: jnp.sum(x**3) / 6.0  # noqa: E731
@@ -90,7 +90,7 @@ def test_custom_vjp_with_rev_fwd_says_which_mode_to_use():
         jhvp.hvp(softplus_sum, (x,), x, mode="rev_fwd")
 
 
-@pytest.mark.parametrize("mode", ["fwd_rev", "rev_rev", "rev_fwd"])
+@pytest.mark.parametrize("mode", MODES)
 def test_checkpointed_function(mode):
     f, primals = mlp_problem()
     v = random_like(primals[0], 2)
@@ -102,6 +102,7 @@ SHARDED = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import jhvp
+    from jhvp._typing import MODES
     assert jax.device_count() == 8, jax.devices()
     dt = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
     tol = 1e-9 if dt == jnp.float64 else 2e-4
@@ -124,15 +125,18 @@ SHARDED = textwrap.dedent(
     ps = {"w1": jax.device_put(params["w1"], NamedSharding(mesh, P(None, "model"))),
           "w2": jax.device_put(params["w2"], NamedSharding(mesh, P("model", None)))}
     vs = jax.tree.map(lambda a, b: jax.device_put(a, b.sharding), v, ps)
-    for mode in ("fwd_rev", "rev_rev", "rev_fwd"):
+    for mode in MODES:
         hv = jhvp.hvp(loss, (ps, xs, ys), vs, mode=mode)
         for name in hv:
             np.testing.assert_allclose(hv[name], expected[name], rtol=tol, atol=tol)
-        assert len(hv["w1"].sharding.device_set) == 8, hv["w1"].sharding
+            # The result keeps the parameters' sharding.
+            assert hv[name].sharding.is_equivalent_to(ps[name].sharding, hv[name].ndim), (
+                name, hv[name].sharding, ps[name].sharding)
     op = jhvp.hessian_operator(loss, (ps, xs, ys))
     hv = op(vs)
     for name in hv:
         np.testing.assert_allclose(hv[name], expected[name], rtol=tol, atol=tol)
+        assert hv[name].sharding.is_equivalent_to(ps[name].sharding, hv[name].ndim), name
     # Inside a user's jit with explicit shardings, and under vmap of a tangent stack.
     step = jax.jit(lambda p, x, y, v: jhvp.hvp(loss, (p, x, y), v))
     hv = step(ps, xs, ys, vs)
@@ -142,6 +146,7 @@ SHARDED = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sharded_inputs_on_8_host_devices():
     env = dict(os.environ)
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
