@@ -6,6 +6,7 @@ Examples:
     python -m bench --device gpu --quick         # on a CUDA machine
     python -m bench --cases mlp-85k --methods reference jhvp_fwd_rev compat_hvp torch_hvp
     python -m bench --cases mlp-85k --methods compat_hvp torch_hvp --repeat 10  # the spread
+    python -m bench --cases eqx-mlp-85k          # an Equinox module against eqx.partition by hand
     python -m bench.report DIR [DIR ...]         # re-render (and merge) saved runs
 """
 
@@ -113,13 +114,18 @@ def select(args):
 
     dtype = np.float64 if args.dtype == "float64" else np.float32
     cases = suite(args.suite, dtype, args.device)
+    if not M.equinox_available():  # main prints a note saying so
+        cases = [c for c in cases if not c.needs_equinox]
     if args.cases:
         cases = [c for c in cases if any(c.name == s or c.name.startswith(s) for s in args.cases)]
         if not cases:
-            sys.exit(f"no case matches {args.cases}; see bench/cases.py")
-    methods = list(M.JAX_METHODS) + (list(M.TORCH_METHODS) if M.torch_available() else [])
+            sys.exit(f"no case matches {args.cases}; see bench/cases.py"
+                     + ("" if M.equinox_available() else
+                        " (the eqx-mlp cases need equinox, which is not installed)"))
+    methods = (list(M.JAX_METHODS) + (list(M.EQX_METHODS) if M.equinox_available() else [])
+               + (list(M.TORCH_METHODS) if M.torch_available() else []))
     if args.methods:
-        known = M.JAX_METHODS + M.TORCH_METHODS + M.EXTRA_METHODS
+        known = M.JAX_METHODS + M.EQX_METHODS + M.TORCH_METHODS + M.EXTRA_METHODS
         unknown = set(args.methods) - set(known)
         if unknown:
             sys.exit(f"unknown methods {sorted(unknown)}; known: {known}")
@@ -201,6 +207,12 @@ def main(argv=None) -> int:
     if head["torch"] == "not installed":
         print("note: torch is not installed, so the torch methods are left out "
               "(pip install torch to compare against torch.autograd.functional)", flush=True)
+    from .methods import equinox_available
+
+    if not equinox_available():
+        print("note: equinox is not installed, so the eqx-mlp cases and the eqx methods are left "
+              "out (pip install equinox to time an Equinox model passed to jhvp as a module)",
+              flush=True)
     start = time.perf_counter()
     units, done = len(cases) * len(methods), [0]
 
@@ -211,7 +223,7 @@ def main(argv=None) -> int:
             return
         elapsed = time.perf_counter() - start
         eta = elapsed / max(done[0], 1) * (units - done[0])
-        print(f"  [{done[0]:>3}/{units}] {case.name:<18} {method:<14} {stage:<10} "
+        print(f"  [{done[0]:>3}/{units}] {case.name:<18} {method:<16} {stage:<10} "
               f"elapsed {elapsed:6.1f}s  ETA ~{eta:5.0f}s", flush=True)
 
     records = []
@@ -228,10 +240,10 @@ def main(argv=None) -> int:
                 report.write_all(args.out, head, records, plot=False)
             else:
                 report.write_repeats(args.out, head, records)
-        ref = next((r for r in recs if r["method"] == "reference"), None)
-        print(f"{case.name}: " + ", ".join(
-            f"{r['method']} {report.fmt_s(r['median_s'])}"
-            + (f" ({r['ratio_vs_reference']:.2f}x)" if ref else "") for r in recs), flush=True)
+            ref = next((r for r in recs if r["method"] == "reference"), None)
+            print(f"{case.name}: " + ", ".join(
+                f"{r['method']} {report.fmt_s(r['median_s'])}"
+                + (f" ({r['ratio_vs_reference']:.2f}x)" if ref else "") for r in recs), flush=True)
     head["wall_s"] = round(time.perf_counter() - start, 1)
     if args.repeat > 1:
         print("\n" + report.write_repeats(args.out, head, records))

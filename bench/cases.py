@@ -3,6 +3,11 @@
 A case holds numpy data: parameters as a dict of arrays (JAX side: a dict pytree; torch side: a
 tuple of tensors in sorted-key order), constant data (a batch), and the tangent v. `loss_jax`
 takes `(params_dict, *data)`; `loss_torch` takes `(*param_tensors, *data_tensors)`.
+
+An Equinox case also holds the same maths as a module: `to_module` builds the model from the
+params dict (its inexact-array leaves are those params), `module_loss` takes `(model, *data)`, and
+`from_module` maps a model-shaped H·v back to the params dict, so every method is checked against
+the same dict-form reference. Equinox is imported only when such a case is run.
 """
 
 from __future__ import annotations
@@ -24,6 +29,14 @@ class Case:
     loss_torch: Callable | None
     exact_hvp: Callable | None = None  # numpy reference, where the maths gives one
     dense_ok: bool = False  # small enough for the dense jax.hessian @ v
+    methods: tuple[str, ...] | None = None  # the only methods that apply (None: every one)
+    to_module: Callable | None = None  # params dict of JAX arrays -> Equinox module
+    module_loss: Callable | None = None  # (module, *data) -> scalar
+    from_module: Callable | None = None  # module-shaped pytree -> params dict
+
+    @property
+    def needs_equinox(self) -> bool:
+        return self.to_module is not None
 
     @property
     def n_params(self) -> int:
@@ -102,6 +115,53 @@ def mlp(sizes: tuple[int, ...], batch: int, dtype, label: str) -> Case:
     y = r.standard_normal((batch, sizes[-1])).astype(dtype)
     return Case(f"mlp-{label}", "mlp", params, (x, y), tangent, _mlp_jax, _mlp_torch,
                 dense_ok=sum(p.size for p in params.values()) <= 2000)
+
+
+# ---- Equinox MLP ------------------------------------------------------------------------------
+# `eqx.nn.MLP` as users write it: per-example `__call__` under `jax.vmap`, weights stored
+# (out, in), the activation a callable field, sizes in static fields. Same maths as `_mlp_jax`
+# with w{i} = layers[i].weight.T.
+
+EQX_METHODS = ("jax_grad", "reference", "eqx_module", "eqx_partition", "jhvp_partitioned")
+
+
+def _eqx_to_module(p):
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    n = len(p) // 2
+    sizes = [p["w0"].shape[0]] + [p[f"w{i}"].shape[1] for i in range(n)]
+    assert len(set(sizes[1:-1])) <= 1, "eqx.nn.MLP has one hidden width"
+    model = eqx.nn.MLP(sizes[0], sizes[-1], sizes[1] if n > 1 else sizes[-1], n - 1,
+                       activation=jnp.tanh, key=jax.random.PRNGKey(0))
+
+    def leaves(m):
+        return [layer.weight for layer in m.layers] + [layer.bias for layer in m.layers]
+
+    return eqx.tree_at(leaves, model, [p[f"w{i}"].T for i in range(n)]
+                       + [p[f"b{i}"] for i in range(n)])
+
+
+def _eqx_loss(model, x, y):
+    import jax
+    import jax.numpy as jnp
+
+    return jnp.mean((jax.vmap(model)(x) - y) ** 2)
+
+
+def _eqx_from_module(tree) -> dict:
+    out = {}
+    for i, layer in enumerate(tree.layers):
+        out[f"w{i}"], out[f"b{i}"] = np.asarray(layer.weight).T, np.asarray(layer.bias)
+    return out
+
+
+def eqx_mlp(sizes: tuple[int, ...], batch: int, dtype, label: str) -> Case:
+    base = mlp(sizes, batch, dtype, label)
+    return dataclasses.replace(base, name=f"eqx-mlp-{label}", family="eqx-mlp", loss_torch=None,
+                               dense_ok=False, methods=EQX_METHODS, to_module=_eqx_to_module,
+                               module_loss=_eqx_loss, from_module=_eqx_from_module)
 
 
 # ---- transformer block -------------------------------------------------------------------------
@@ -209,11 +269,13 @@ def logreg(m: int, d: int, dtype) -> Case:
 def suite(kind: str, dtype, device: str) -> list[Case]:
     """The case list for `--quick`, the default full run, `tiny` (the tests' smoke run) or
     `batch` (the ~85k MLP at several batch sizes: how the comparison with torch depends on it).
-    The full suite on a GPU adds a 5·10⁷-element Rosenbrock."""
+    The full suite on a GPU adds a 5·10⁷-element Rosenbrock. The `eqx-mlp` cases need Equinox;
+    `python -m bench` leaves them out, with a note, when it is not installed."""
     if kind == "batch":
         return [mlp((64, 256, 256, 10), b, dtype, f"85k-b{b}") for b in (8, 32, 128, 512)]
     if kind == "tiny":
-        return [rosenbrock(100, dtype), logreg(64, 16, dtype), mlp((8, 16, 4), 8, dtype, "tiny")]
+        return [rosenbrock(100, dtype), logreg(64, 16, dtype), mlp((8, 16, 4), 8, dtype, "tiny"),
+                eqx_mlp((8, 16, 4), 8, dtype, "tiny")]
     cases = [rosenbrock(100, dtype), rosenbrock(10_000, dtype), rosenbrock(1_000_000, dtype)]
     if kind == "full":
         cases.append(rosenbrock(10_000_000, dtype))
@@ -222,6 +284,7 @@ def suite(kind: str, dtype, device: str) -> list[Case]:
     cases += [
         mlp((64, 256, 256, 10), 128, dtype, "85k"),
         mlp((512, 1024, 1024, 256), 256, dtype, "1.8M"),
+        eqx_mlp((64, 256, 256, 10), 128, dtype, "85k"),  # the same MLP as an Equinox module
     ]
     if kind == "full":
         cases.append(mlp((1024, 4096, 4096, 4096, 1024), 512, dtype, "42M"))

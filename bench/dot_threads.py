@@ -3,11 +3,14 @@
 The ~85k MLP's H·v is mostly three shapes of matrix product (the forward `h @ W`, the backward
 `d @ Wᵀ` and the weight gradient `hᵀ @ d`, batch 128, width 256). This times each alone, jitted in
 JAX and eager in torch, in fresh processes pinned to one core and to every core, so it shows
-how much of the machine each framework's matrix products use. Medians of 400 synchronised calls.
+how much of the machine each framework's matrix products use. Medians of 400 synchronised calls;
+the speed-up columns are each framework's time on one core over its time on all.
+`--json PATH` also writes the times (µs) and speed-ups there.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -51,8 +54,13 @@ def worker() -> None:
     print(json.dumps(out))
 
 
-def main() -> int:
-    if "--worker" in sys.argv:
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.dot_threads",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
         worker()
         return 0
     all_cores = sorted(os.sched_getaffinity(0))
@@ -63,13 +71,20 @@ def main() -> int:
                               env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
                               text=True, check=True)
         results[label] = json.loads(proc.stdout.strip().splitlines()[-1])
-    labels = list(results)
-    print("| product (128x256, 256x256) | " + " | ".join(f"JAX, {c} | torch, {c}" for c in labels)
-          + " |")
-    print("|---|" + "---|---|" * len(labels))
+    one, many = results
+    speedup = {key: {fw: results[one][key][i] / results[many][key][i]
+                     for i, fw in enumerate(("jax", "torch"))} for key in SHAPES.values()}
+    print("| product (128x256, 256x256) | " + " | ".join(f"JAX, {c} | torch, {c}" for c in results)
+          + f" | speed-up on {many}, JAX | speed-up on {many}, torch |")
+    print("|---|" + "---|---|" * len(results) + "---|---|")
     for name, key in SHAPES.items():
-        cells = " | ".join(f"{results[c][key][0]:.0f} µs | {results[c][key][1]:.0f} µs" for c in labels)
-        print(f"| {name} | {cells} |")
+        cells = " | ".join(f"{results[c][key][0]:.0f} µs | {results[c][key][1]:.0f} µs"
+                           for c in results)
+        print(f"| {name} | {cells} | {speedup[key]['jax']:.2f}x | {speedup[key]['torch']:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"products": SHAPES, "times_us": results, "speedup": speedup,
+                       "speedup_cores": many}, fh, indent=1)
     return 0
 
 

@@ -17,6 +17,9 @@ from .cases import Case
 JAX_METHODS = ["jax_grad", "reference", "jhvp_fwd_rev", "jhvp_rev_rev", "jhvp_rev_fwd",
                "jhvp_operator", "compat_hvp", "dense", "finite_diff"]
 TORCH_METHODS = ["torch_grad", "torch_hvp", "torch_vhp", "torch_func"]
+# On the Equinox cases only (their `Case.methods`): the model passed to jhvp as a module, against
+# the same model split by hand with `eqx.partition` (hand-written jvp-of-grad, and jhvp.hvp).
+EQX_METHODS = ["eqx_module", "eqx_partition", "jhvp_partitioned"]
 # Asked for by name only (--methods): the operator with its storage strategy forced.
 EXTRA_METHODS = ["jhvp_operator_linearize", "jhvp_operator_recompute"]
 GRAD_METHODS = {"jax_grad", "torch_grad"}  # the cost units, not H·v
@@ -30,8 +33,22 @@ def torch_available() -> bool:
     return True
 
 
+def equinox_available() -> bool:
+    try:
+        import equinox  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def build(method: str, case: Case, device: str) -> Callable[[], object] | None:
     """Returns the thunk, or None when the method does not apply to this case."""
+    if case.methods is not None and method not in case.methods:
+        return None
+    if case.needs_equinox:
+        return _build_eqx(method, case)
+    if method in EQX_METHODS:
+        return None
     if method in TORCH_METHODS:
         return _build_torch(method, case, device)
     return _build_jax(method, case)
@@ -108,6 +125,43 @@ def _build_jax(method: str, case: Case):
     raise ValueError(f"unknown method {method!r}")
 
 
+# ---- Equinox -----------------------------------------------------------------------------------
+
+
+def _build_eqx(method: str, case: Case):
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    import jhvp
+
+    if method == "reference":  # the dict-form MLP: the baseline and the correctness check
+        return _build_jax(method, case)
+    loss = case.module_loss
+    model = case.to_module({k: jnp.asarray(a) for k, a in case.params.items()})
+    # v is shaped like eqx.filter(model, eqx.is_inexact_array): arrays there, None elsewhere.
+    tangent = case.to_module({k: jnp.asarray(a) for k, a in case.tangent.items()})
+    v = eqx.filter(tangent, eqx.is_inexact_array)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    data = tuple(jnp.asarray(a) for a in case.data)
+
+    def partitioned(p, *data):  # defined once: the same function object on every call
+        return loss(eqx.combine(p, static), *data)
+
+    if method == "jax_grad":  # the cost unit: the gradient of the split model
+        grad = jax.jit(jax.grad(partitioned))
+        return lambda: grad(params, *data)
+    if method == "eqx_module":
+        return lambda: jhvp.hvp(loss, (model, *data), v)
+    if method == "eqx_partition":
+        hand = jax.jit(lambda p, v, *data: jax.jvp(
+            jax.grad(lambda q: partitioned(q, *data)), (p,), (v,))[1])
+        return lambda: hand(params, v, *data)
+    if method == "jhvp_partitioned":
+        return lambda: jhvp.hvp(partitioned, (params, *data), v)
+    return None
+
+
 # ---- torch -------------------------------------------------------------------------------------
 
 
@@ -147,6 +201,8 @@ def _build_torch(method: str, case: Case, device: str):
 
 def as_numpy_dict(result, case: Case) -> dict:
     """Returns the thunk's result as {param name: float64 numpy array}."""
+    if case.from_module is not None and not isinstance(result, dict):
+        result = case.from_module(result)
     if isinstance(result, dict):
         return {k: np.asarray(result[k], dtype=np.float64) for k in case.keys}
     leaves = result if isinstance(result, tuple | list) else (result,)
