@@ -56,19 +56,30 @@ def hvp(f, primals, tangents, *, argnums=0, has_aux=False, mode="fwd_rev"):
     """Computes H·v where H = ∇²f(primals), the Hessian with respect to the `argnums` arguments.
 
     Forward-over-reverse by default (`jax.jvp` of `jax.grad`): about the cost of two to three
-    gradients and no more memory than one. The call is jit-compiled once per (f, argnums, has_aux,
-    mode, input shapes/dtypes/shardings) and reused; inside `jax.jit`, `jax.vmap` or `jax.grad` it
-    is an ordinary transformation.
+    gradients and about the memory of one reverse pass. The call is jit-compiled once per (f,
+    argnums, has_aux, mode, structure, static leaves, input shapes/dtypes/shardings) and reused;
+    inside `jax.jit`, `jax.vmap` or `jax.grad` it is an ordinary transformation.
+
+    Leaves follow the Equinox convention. In the differentiated primals, floating-point arrays
+    and Python floats are differentiated and every other leaf (callables, None, strings, ints) is
+    held fixed, so an Equinox or Flax model is passed as it is. In the other primals, arrays are
+    traced and every other leaf is static (part of the compile key, never traced).
 
     Args:
         f: A function of `len(primals)` positional arguments returning a real scalar, or a pair
-            `(scalar, aux)` when `has_aux=True`.
-        primals: A tuple of f's positional arguments, each any pytree of arrays.
-        tangents: The vector v, with the structure of the differentiated primals (a single pytree
-            for an int `argnums`, a tuple of pytrees for a tuple `argnums`).
+            `(scalar, aux)` when `has_aux=True`. A pytree f (a `jax.tree_util.Partial`, an
+            Equinox module, a bound method of a registered pytree) passes its arrays as
+            arguments, so new values are seen without a new trace. A plain closure or a bound
+            method of a plain object is a compile-time constant, as under `jax.jit`: what it
+            reads is fixed when first traced; pass such state as an argument instead.
+        primals: A tuple of f's positional arguments, each any pytree.
+        tangents: The vector v, with the structure of the differentiated primals: arrays at the
+            differentiated leaves and None elsewhere (a single pytree for an int `argnums`, a
+            tuple of pytrees for a tuple `argnums`); the primals' own structure, static leaves
+            repeated, is accepted too.
         argnums: Which arguments are differentiated, as in `jax.grad`; the others are constants
             (data, a batch).
-        has_aux: Whether f returns `(scalar, aux)`; aux comes back unchanged.
+        has_aux: Whether f returns `(scalar, aux)`; aux comes back exactly as f returned it.
         mode: The AD route: "fwd_rev" (forward-over-reverse, the fastest), "rev_rev"
             (reverse-over-reverse, the most memory) or "rev_fwd" (reverse-over-forward).
 
@@ -77,7 +88,8 @@ def hvp(f, primals, tangents, *, argnums=0, has_aux=False, mode="fwd_rev"):
 
     Raises:
         TypeError: `primals` is not a tuple or list; f's output is not a real scalar; a
-            differentiated primal has integer leaves.
+            differentiated primal has integer, boolean or complex arrays; `argnums` is not an
+            int or tuple of ints; `has_aux` is not a bool.
         ValueError: `tangents` does not match the differentiated primals (the first mismatching
             leaf path is named); `argnums` is out of range; `mode` is unknown; f has a
             `lax.while_loop`, which reverse mode cannot differentiate.
