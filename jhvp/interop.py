@@ -22,7 +22,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
-from . import _checks
+from . import _ad, _checks
 from ._typing import PyTree
 from .curvature import _protocol
 
@@ -196,8 +196,10 @@ class ScipyObjective:
             return jax.value_and_grad(loss)(x.astype(dtype), data)
 
         def hessp(x: jax.Array, p: jax.Array, data: list) -> jax.Array:
-            grad = jax.grad(loss)
-            return jax.jvp(lambda z: grad(z, data), (x.astype(dtype),), (p.astype(dtype),))[1]
+            # jhvp's own forward-over-reverse route, on the flat vector.
+            _, (hv,), _ = _ad.fwd_rev(lambda d: (loss(d[0], data), None), [x.astype(dtype)],
+                                      [p.astype(dtype)])
+            return hv
 
         self._value_and_grad = jax.jit(value_and_grad)
         self._hessp = jax.jit(hessp)
