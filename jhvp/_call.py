@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks, _filter, _jit
-from ._typing import MODES
 
 _options: dict = {}
 
@@ -152,9 +151,3 @@ def merge_aux(out_aux) -> Any:
     tree, leaves = static.value
     it = iter(arrays)
     return tree.unflatten([next(it) if x is None else x for x in leaves])
-
-
-def check_mode(mode: Any, api: str) -> None:
-    """Raises ValueError unless mode is one of the AD routes."""
-    if mode not in MODES:
-        _checks.check_mode(mode, api)
