@@ -16,6 +16,8 @@ Examples:
 import importlib.metadata as _metadata
 
 from . import curvature as curvature
+from ._ggn import empirical_fisher_operator as empirical_fisher_operator
+from ._ggn import ggn_operator as ggn_operator
 from ._hvp import hvp as hvp
 from ._hvp import value_grad_hvp as value_grad_hvp
 from ._hvp import vhp as vhp
@@ -33,6 +35,8 @@ del _metadata
 
 __all__ = [
     "HessianOperator",
+    "empirical_fisher_operator",
+    "ggn_operator",
     "hessian_operator",
     "hvp",
     "scipy_objective",

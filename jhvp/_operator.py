@@ -8,20 +8,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
 from . import _ad, _call, _checks, _filter, _jit, _strategy
+from ._linear_operator import SymmetricOperator, TangentLayout
 from ._typing import STRATEGIES, PyTree, Strategy
-
-
-@dataclasses.dataclass(frozen=True)
-class _TangentLayout:
-    """The accepted tangent structures: the gradient's, or the primals' own (statics ignored)."""
-
-    diff_tree: Any
-    full_tree: Any
-    selection: tuple[int, ...]
 
 
 @functools.partial(
@@ -29,8 +19,8 @@ class _TangentLayout:
     data_fields=["value", "grad", "_aux_arrays", "_apply"],
     meta_fields=["_tangent_layout", "_aux_static"],
 )
-@dataclasses.dataclass(frozen=True)
-class HessianOperator:
+@dataclasses.dataclass(frozen=True, repr=False)
+class HessianOperator(SymmetricOperator):
     """The Hessian H = ∇²f(primals) as a linear operator: `op(v)` and `op @ v` return H·v.
 
     Built by `hessian_operator`, which runs f's forward and reverse passes once and keeps their
@@ -66,7 +56,7 @@ class HessianOperator:
     grad: PyTree
     _aux_arrays: list | None
     _apply: Callable
-    _tangent_layout: _TangentLayout
+    _tangent_layout: TangentLayout
     _aux_static: _filter.Static | None
 
     @property
@@ -75,93 +65,6 @@ class HessianOperator:
         if self._aux_static is None:
             return None
         return _call.merge_aux((self._aux_arrays, self._aux_static))
-
-    def __call__(self, tangents: PyTree) -> PyTree:
-        """Returns H·tangents, with the structure of the gradient."""
-        return _apply_jitted(self, self._tangent_leaves(tangents))
-
-    def __matmul__(self, tangents: PyTree) -> PyTree:
-        return _apply_jitted(self, self._tangent_leaves(tangents))
-
-    def _tangent_leaves(self, tangents: PyTree) -> list:
-        leaves, tree = jax.tree.flatten(tangents)
-        layout = self._tangent_layout
-        if tree == layout.diff_tree:
-            return leaves
-        if tree == layout.full_tree:
-            return [leaves[p] for p in layout.selection]
-        _checks.check_tangents(self.grad, tangents, "tangents", "HessianOperator")
-        raise AssertionError("unreachable: check_tangents accepted a rejected structure")
-
-    def transpose(self) -> HessianOperator:
-        """Returns the operator itself: a Hessian is symmetric."""
-        return self
-
-    @property
-    def T(self) -> HessianOperator:  # noqa: N802 (numpy's name)
-        """The transpose, which is the operator itself."""
-        return self
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(n, n), n being the number of scalar parameters in the gradient."""
-        n = sum(jnp.size(leaf) for leaf in jax.tree.leaves(self.grad))
-        return (n, n)
-
-    def in_structure(self) -> PyTree:
-        """Returns the structure of the vectors it applies to: `jax.ShapeDtypeStruct` leaves.
-
-        Examples:
-            >>> import jax.numpy as jnp, jhvp
-            >>> op = jhvp.hessian_operator(lambda x: jnp.sum(x ** 4), (jnp.ones(3),))
-            >>> op.in_structure()
-            ShapeDtypeStruct(shape=(3,), dtype=float32)
-        """
-        return jax.tree.map(lambda g: jax.ShapeDtypeStruct(jnp.shape(g), jnp.result_type(g)),
-                            self.grad)
-
-    def as_matrix(self) -> jax.Array:
-        """Returns the dense n×n Hessian, parameters ordered as `jax.flatten_util.ravel_pytree`.
-
-        For small problems and tests only: it costs n Hessian-vector products (batched with
-        `jax.vmap`, so n tangent passes at once) and n² memory.
-
-        Examples:
-            >>> import jax.numpy as jnp, jhvp
-            >>> op = jhvp.hessian_operator(lambda p: p["a"] ** 2 * p["b"],
-            ...                            ({"a": jnp.array(1.0), "b": jnp.array(3.0)},))
-            >>> print(op.as_matrix())  # order: "a", "b"
-            [[6. 2.]
-             [2. 0.]]
-        """
-        flat, _ = ravel_pytree(self.grad)
-        basis = jnp.eye(flat.size, dtype=flat.dtype)
-        return _dense(self, basis)
-
-    def __repr__(self) -> str:
-        n = self.shape[0]
-        return f"HessianOperator(n={n}, value={self.value!r})"
-
-
-def _apply_traced(op: HessianOperator, vecs: list) -> PyTree:
-    grads = jax.tree.leaves(op.grad)
-    tree = jax.tree.structure(op.grad)
-    for g, t in zip(grads, vecs, strict=True):
-        if jnp.shape(g) != jnp.shape(t) or jnp.issubdtype(jnp.result_type(t), jnp.complexfloating):
-            _checks.check_tangents(op.grad, tree.unflatten(vecs), "tangents", "HessianOperator")
-    vecs = [jnp.asarray(t, dtype=jnp.result_type(g)) for g, t in zip(grads, vecs, strict=True)]
-    return tree.unflatten(op._apply(vecs))
-
-
-_apply_jitted = jax.jit(_apply_traced)
-
-
-@jax.jit
-def _dense(op: HessianOperator, basis: jax.Array) -> jax.Array:
-    _, unravel = ravel_pytree(op.grad)
-    return jax.vmap(
-        lambda e: ravel_pytree(_apply_traced(op, jax.tree.leaves(unravel(e))))[0]
-    )(basis)
 
 
 def _apply_linearized(linear: Callable, vecs: list) -> list:
@@ -179,8 +82,7 @@ def _build(entry: _jit.Entry, key: _jit.CallKey) -> Callable:
     api = "hessian_operator"
     (strategy,) = key.extra
     layout = entry.layout
-    diff_tree, full_tree = layout.tangent_trees[key.single]
-    tangent_layout = _TangentLayout(diff_tree, full_tree, layout.full_selection)
+    tangent_layout = TangentLayout.of(layout, key.single)
 
     def recompute(dynamic: list, vecs: list) -> list:
         leaves = _call.traced_leaves(entry, dynamic)
