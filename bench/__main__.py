@@ -7,6 +7,7 @@ Examples:
     python -m bench --cases mlp-85k --methods reference jhvp_fwd_rev compat_hvp torch_hvp
     python -m bench --cases mlp-85k --methods compat_hvp torch_hvp --repeat 10  # the spread
     python -m bench --cases eqx-mlp-85k          # an Equinox module against eqx.partition by hand
+    python -m bench --suite curvature            # eigenvalues, traces, densities vs PyHessian...
     python -m bench.report DIR [DIR ...]         # re-render (and merge) saved runs
 """
 
@@ -25,8 +26,10 @@ def parse(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the small suite (README's main job)")
-    ap.add_argument("--suite", choices=["quick", "full", "tiny", "batch"], default=None,
-                    help="case suite (default: full, or quick with --quick)")
+    ap.add_argument("--suite", choices=["quick", "full", "tiny", "batch", "curvature",
+                                        "curvature-tiny"], default=None,
+                    help="case suite (default: full, or quick with --quick); curvature: "
+                         "eigenvalues, traces and densities against PyHessian, matfree, scipy")
     ap.add_argument("--out", default=os.path.join("bench", "results"), help="output directory")
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--cases", nargs="+", default=None, help="case names or prefixes")
@@ -194,6 +197,12 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
+    if args.suite.startswith("curvature"):
+        from . import curvature
+
+        if args.memory or args.repeat > 1:
+            sys.exit("--memory and --repeat apply to the H·v suites, not to --suite curvature")
+        return curvature.main(args, header(args))
     from . import harness, report
 
     cases, methods = select(args)

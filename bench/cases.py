@@ -33,6 +33,11 @@ class Case:
     to_module: Callable | None = None  # params dict of JAX arrays -> Equinox module
     module_loss: Callable | None = None  # (module, *data) -> scalar
     from_module: Callable | None = None  # module-shaped pytree -> params dict
+    # The loss split as model and output loss, for the GGN and Fisher methods (None: not split):
+    # loss_jax(p, x, y) == out_loss(model(p, x), y); per_example(p, x, y) has shape (batch,).
+    model: Callable | None = None
+    out_loss: Callable | None = None
+    per_example: Callable | None = None
 
     @property
     def needs_equinox(self) -> bool:
@@ -76,7 +81,7 @@ def rosenbrock(n: int, dtype) -> Case:
 # ---- MLP ---------------------------------------------------------------------------------------
 
 
-def _mlp_jax(p, x, y):
+def _mlp_model(p, x):
     import jax.numpy as jnp
 
     h = x
@@ -85,7 +90,27 @@ def _mlp_jax(p, x, y):
         h = h @ p[f"w{i}"] + p[f"b{i}"]
         if i < n - 1:
             h = jnp.tanh(h)
-    return jnp.mean((h - y) ** 2)
+    return h
+
+
+def _mse(out, y):
+    import jax.numpy as jnp
+
+    return jnp.mean((out - y) ** 2)
+
+
+def _mlp_jax(p, x, y):
+    return _mse(_mlp_model(p, x), y)
+
+
+def _mse_per_example(model):
+    # (batch,) losses whose mean is the loss: the MSE's mean runs over outputs too.
+    def per_example(p, x, y):
+        import jax.numpy as jnp
+
+        return jnp.mean((model(p, x) - y) ** 2, axis=tuple(range(1, y.ndim)))
+
+    return per_example
 
 
 def _mlp_torch(*args):
@@ -114,7 +139,39 @@ def mlp(sizes: tuple[int, ...], batch: int, dtype, label: str) -> Case:
     x = r.standard_normal((batch, sizes[0])).astype(dtype)
     y = r.standard_normal((batch, sizes[-1])).astype(dtype)
     return Case(f"mlp-{label}", "mlp", params, (x, y), tangent, _mlp_jax, _mlp_torch,
-                dense_ok=sum(p.size for p in params.values()) <= 2000)
+                dense_ok=sum(p.size for p in params.values()) <= 2000, model=_mlp_model,
+                out_loss=_mse, per_example=_mse_per_example(_mlp_model))
+
+
+def _cross_entropy(out, labels):
+    import jax.numpy as jnp
+
+    # torch.nn.CrossEntropyLoss (mean): mean(logsumexp(z) - z[y]).
+    return jnp.mean(_ce_per_example_logits(out, labels))
+
+
+def _ce_per_example_logits(out, labels):
+    import jax
+    import jax.numpy as jnp
+
+    return jax.nn.logsumexp(out, axis=-1) - jnp.take_along_axis(out, labels[:, None], -1)[:, 0]
+
+
+def _mlp_ce_jax(p, x, labels):
+    return _cross_entropy(_mlp_model(p, x), labels)
+
+
+def _mlp_ce_per_example(p, x, labels):
+    return _ce_per_example_logits(_mlp_model(p, x), labels)
+
+
+def mlp_ce(sizes: tuple[int, ...], batch: int, dtype, label: str) -> Case:
+    """The MLP of `mlp` with a cross-entropy loss on integer labels (the PyHessian twin's)."""
+    base = mlp(sizes, batch, dtype, label)
+    labels = _rng(batch + sizes[-1]).integers(0, sizes[-1], batch).astype(np.int32)
+    return dataclasses.replace(base, name=f"mlp-ce-{label}", family="mlp-ce",
+                               data=(base.data[0], labels), loss_jax=_mlp_ce_jax, loss_torch=None,
+                               out_loss=_cross_entropy, per_example=_mlp_ce_per_example)
 
 
 # ---- Equinox MLP ------------------------------------------------------------------------------
@@ -168,6 +225,10 @@ def eqx_mlp(sizes: tuple[int, ...], batch: int, dtype, label: str) -> Case:
 
 
 def _block_jax(p, x, y, heads):
+    return _mse(_block_model(p, x, heads), y)
+
+
+def _block_model(p, x, heads):
     import jax
     import jax.numpy as jnp
 
@@ -183,8 +244,7 @@ def _block_jax(p, x, y, heads):
     o = jnp.reshape(jnp.einsum("bhqk,bkhd->bqhd", att, v), (b, s, d))
     x = x + o @ p["wo"]
     h = norm(x, p["ln2"])
-    x = x + jax.nn.gelu(h @ p["w1"], approximate=True) @ p["w2"]
-    return jnp.mean((x - y) ** 2)
+    return x + jax.nn.gelu(h @ p["w1"], approximate=True) @ p["w2"]
 
 
 def _block_torch(ln1, ln2, w1, w2, wk, wo, wq, wv, x, y, heads):
@@ -223,7 +283,12 @@ def transformer(d: int, seq: int, batch: int, heads: int, dtype) -> Case:
     def loss_torch(*args):
         return _block_torch(*args, heads=heads)
 
-    return Case(f"transformer-d{d}", "transformer", params, (x, y), tangent, loss_jax, loss_torch)
+    def model(p, x):
+        return _block_model(p, x, heads)
+
+    return Case(f"transformer-d{d}", "transformer", params, (x, y), tangent, loss_jax, loss_torch,
+                dense_ok=sum(p.size for p in params.values()) <= 2000, model=model,
+                out_loss=_mse, per_example=_mse_per_example(model))
 
 
 # ---- logistic regression -----------------------------------------------------------------------
@@ -275,7 +340,7 @@ def suite(kind: str, dtype, device: str) -> list[Case]:
         return [mlp((64, 256, 256, 10), b, dtype, f"85k-b{b}") for b in (8, 32, 128, 512)]
     if kind == "tiny":
         return [rosenbrock(100, dtype), logreg(64, 16, dtype), mlp((8, 16, 4), 8, dtype, "tiny"),
-                eqx_mlp((8, 16, 4), 8, dtype, "tiny")]
+                eqx_mlp((8, 16, 4), 8, dtype, "tiny"), transformer(8, 4, 2, 2, dtype)]
     cases = [rosenbrock(100, dtype), rosenbrock(10_000, dtype), rosenbrock(1_000_000, dtype)]
     if kind == "full":
         cases.append(rosenbrock(10_000_000, dtype))

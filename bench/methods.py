@@ -15,8 +15,13 @@ import numpy as np
 from .cases import Case
 
 JAX_METHODS = ["jax_grad", "reference", "jhvp_fwd_rev", "jhvp_rev_rev", "jhvp_rev_fwd",
-               "jhvp_operator", "compat_hvp", "dense", "finite_diff"]
-TORCH_METHODS = ["torch_grad", "torch_hvp", "torch_vhp", "torch_func"]
+               "jhvp_operator", "compat_hvp", "dense", "finite_diff", "ggn_fresh", "ggn_operator",
+               "fisher_operator"]
+TORCH_METHODS = ["torch_grad", "torch_hvp", "torch_vhp", "torch_func", "torch_curvlinops_ggn"]
+# Not H·v: on the cases whose loss is split as model and output loss (`Case.model`), each checked
+# against its own hand-written reference (`curvature_reference`), not against H·v.
+GGN_METHODS = {"ggn_fresh", "ggn_operator", "torch_curvlinops_ggn"}
+FISHER_METHODS = {"fisher_operator"}
 # On the Equinox cases only (their `Case.methods`): the model passed to jhvp as a module, against
 # the same model split by hand with `eqx.partition` (hand-written jvp-of-grad, and jhvp.hvp).
 EQX_METHODS = ["eqx_module", "eqx_partition", "jhvp_partitioned"]
@@ -45,6 +50,12 @@ def build(method: str, case: Case, device: str) -> Callable[[], object] | None:
     """Returns the thunk, or None when the method does not apply to this case."""
     if case.methods is not None and method not in case.methods:
         return None
+    if method in GGN_METHODS | FISHER_METHODS:
+        if case.model is None:
+            return None
+        if method == "torch_curvlinops_ggn":
+            return _build_curvlinops(case, device)
+        return _build_ggn(method, case)
     if case.needs_equinox:
         return _build_eqx(method, case)
     if method in EQX_METHODS:
@@ -123,6 +134,91 @@ def _build_jax(method: str, case: Case):
 
         return lambda: fd(p, v, *data)
     raise ValueError(f"unknown method {method!r}")
+
+
+# ---- GGN and empirical Fisher -----------------------------------------------------------------
+
+
+def _split(case: Case):
+    import jax.numpy as jnp
+
+    p = {k: jnp.asarray(a) for k, a in case.params.items()}
+    v = {k: jnp.asarray(a) for k, a in case.tangent.items()}
+    x, y = (jnp.asarray(a) for a in case.data)
+    return p, v, x, y
+
+
+def _build_ggn(method: str, case: Case):
+    import jax
+
+    import jhvp
+
+    p, v, x, y = _split(case)
+    model, loss = case.model, case.out_loss
+    if method == "ggn_fresh":  # build and apply in one jitted function of (params, data, v)
+        fresh = jax.jit(lambda p, x, y, v: jhvp.ggn_operator(model, loss, (p, x),
+                                                             loss_args=(y,))(v))
+        return lambda: fresh(p, x, y, v)
+    if method == "ggn_operator":
+        op = jhvp.ggn_operator(model, loss, (p, x), loss_args=(y,))
+    else:
+        op = jhvp.empirical_fisher_operator(case.per_example, (p, x, y))
+    apply = jax.jit(lambda op, v: op(v))  # the operator an argument, not baked-in constants
+    return lambda: apply(op, v)
+
+
+def curvature_reference(kind: str, case: Case) -> dict:
+    """G·v = Jᵀ (∇²ℓ) J v or F·v = (1/N) Jᵀ (J v) by hand (jvp, loss HVP, vjp), as numpy."""
+    import jax
+
+    p, v, x, y = _split(case)
+    if kind == "ggn":
+        z, jv = jax.jvp(lambda q: case.model(q, x), (p,), (v,))
+        hjv = jax.jvp(jax.grad(lambda z: case.out_loss(z, y)), (z,), (jv,))[1]
+        out = jax.vjp(lambda q: case.model(q, x), p)[1](hjv)[0]
+    else:
+        losses, jv = jax.jvp(lambda q: case.per_example(q, x, y), (p,), (v,))
+        out = jax.vjp(lambda q: case.per_example(q, x, y), p)[1](jv / losses.shape[0])[0]
+    return {k: np.asarray(out[k], dtype=np.float64) for k in case.keys}
+
+
+def _build_curvlinops(case: Case, device: str):
+    """curvlinops' GGNLinearOperator matvec on the MLP as a torch module, same weights."""
+    if case.family != "mlp" or not torch_available():
+        return None
+    try:
+        from curvlinops import GGNLinearOperator
+    except ImportError:
+        return None
+    import torch
+
+    dev = "cuda" if device == "gpu" else "cpu"
+    dtype = torch.float64 if case.params["w0"].dtype == np.float64 else torch.float32
+    n = len(case.params) // 2
+    layers = []
+    for i in range(n):
+        w = case.params[f"w{i}"]
+        lin = torch.nn.Linear(*w.shape, dtype=dtype, device=dev)
+        with torch.no_grad():
+            lin.weight.copy_(torch.tensor(w.T))  # Linear computes x @ W.T + b
+            lin.bias.copy_(torch.tensor(case.params[f"b{i}"]))
+        layers += [lin] + ([torch.nn.Tanh()] if i < n - 1 else [])
+    model = torch.nn.Sequential(*layers)
+    x, y = (torch.tensor(a, device=dev) for a in case.data)
+    params = list(model.parameters())  # w0, b0, w1, b1, ...
+    G = GGNLinearOperator(model, torch.nn.MSELoss(), params, [(x, y)], check_deterministic=False)
+    v = torch.cat([torch.tensor(case.tangent[f"w{i // 2}"].T if i % 2 == 0
+                                else case.tangent[f"b{i // 2}"], device=dev).reshape(-1)
+                   for i in range(2 * n)])
+    sizes = [q.numel() for q in params]
+    order = {f"w{i}": 2 * i for i in range(n)} | {f"b{i}": 2 * i + 1 for i in range(n)}
+
+    def thunk():
+        parts = torch.split(G @ v, sizes)  # views, in module order; weights back as (in, out)
+        return tuple(parts[order[k]].reshape(params[order[k]].shape).T if k[0] == "w"
+                     else parts[order[k]] for k in case.keys)
+
+    return thunk
 
 
 # ---- Equinox -----------------------------------------------------------------------------------

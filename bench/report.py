@@ -100,7 +100,24 @@ def bars(records: list[dict]) -> list[tuple[str, float | None, str, bool | None]
         if o and h:
             v = o["median_s"] / h["median_s"]
             add(f"HessianOperator apply / fresh jhvp.hvp, {case}", v, f"<= {bar}", v <= bar)
-    bad = [r for r in records if r["ok"] is False]
+    # GGN and empirical Fisher products (issue #11): cheaper than H·v, about a gradient's cost.
+    for r in records:
+        if r["method"] == "ggn_fresh" and r["family"] in ("mlp", "transformer") \
+                and r["n_params"] > 1e4 and r.get("ratio_vs_reference") is not None:
+            v = r["ratio_vs_reference"]
+            add(f"fresh GGN·v / fresh H·v (reference), {r['case']}", v, "<= 0.8", v <= 0.8)
+    g, ref = _get(records, "mlp-1.8M", "ggn_operator"), _get(records, "mlp-1.8M", "reference")
+    if g and ref:
+        v = g["median_s"] / ref["median_s"]
+        add("GGNOperator apply / fresh H·v (reference), mlp-1.8M", v, "<= 0.6", v <= 0.6)
+    f, grad = _get(records, "mlp-85k", "fisher_operator"), _get(records, "mlp-85k", "jax_grad")
+    if f and grad:
+        v = f["median_s"] / grad["median_s"]
+        add("FisherOperator apply / gradient (jax_grad), mlp-85k", v, "<= 1.3", v <= 1.3)
+    from . import curvature_report
+
+    out += curvature_report.bars(records)
+    bad = [r for r in records if r.get("ok") is False]
     for r in bad:
         add(f"over tolerance: {r['method']} on {r['case']}", r["rel_err"], f"<= {r['tolerance']}", False)
     return out
@@ -214,6 +231,10 @@ def plot_results(path: str, header: dict, records: list[dict]) -> str | None:
 
 
 def write_all(out_dir: str, header: dict, records: list[dict], plot: bool = True) -> list[str]:
+    from . import curvature_report
+
+    if curvature_report.is_curvature(records):
+        return curvature_report.write_all(out_dir, header, records, plot)
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "results.json"), header, records)
     write_markdown(os.path.join(out_dir, "results.md"), header, records)

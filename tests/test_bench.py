@@ -171,7 +171,11 @@ def test_bars_name_cases_that_exist(monkeypatch):
                             "n_params": c.n_params, "median_s": 1.0, "ratio_vs_reference": 1.0,
                             "ok": True if m not in ("jax_grad", "torch_grad") else None})
     figures = {what for what, *_ in report.bars(records)}
-    assert {"Equinox module / eqx.partition by hand, eqx-mlp-85k",
+    assert {"fresh GGN·v / fresh H·v (reference), mlp-85k",
+            "fresh GGN·v / fresh H·v (reference), transformer-d64",
+            "GGNOperator apply / fresh H·v (reference), mlp-1.8M",
+            "FisherOperator apply / gradient (jax_grad), mlp-85k",
+            "Equinox module / eqx.partition by hand, eqx-mlp-85k",
             "compat.hvp / reference, mlp-85k", "compat.hvp / reference, rosenbrock-1e2",
             "jhvp fwd_rev / reference, rosenbrock n=100",
             "torch.autograd.functional.hvp / compat.hvp, mlp-85k (speed-up)",
@@ -201,3 +205,163 @@ def test_dot_threads_times_each_product_on_one_core_and_all(tmp_path):
         assert set(by_framework) == {"jax", "torch"}
         for fw, ratio in by_framework.items():
             assert math.isfinite(ratio) and ratio > 0, (key, fw, ratio)
+
+
+# ---- GGN and empirical Fisher methods (issue #11) -----------------------------------------------
+
+GGN_METHODS = {"ggn_fresh", "ggn_operator", "fisher_operator"}
+
+
+def _installed(module):  # without importing it: curvlinops' import warns (torch.jit.script)
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.slow
+def test_ggn_and_fisher_methods_match_their_own_references(tiny_run):
+    records = tiny_run[0]["records"]
+    for case in ("mlp-tiny", "transformer-d8"):
+        recs = {r["method"]: r for r in records if r["case"] == case}
+        assert GGN_METHODS <= set(recs), (case, set(recs))
+        for name in GGN_METHODS:
+            r = recs[name]
+            assert r["ok"] is True and r["rel_err"] <= r["tolerance"], r
+            assert r["checked_against"].startswith("hand-written"), r
+    if _installed("curvlinops") and _installed("torch"):
+        r = next(r for r in records if r["case"] == "mlp-tiny"
+                 and r["method"] == "torch_curvlinops_ggn")
+        assert r["ok"] is True and r["checked_against"].startswith("hand-written"), r
+
+
+def test_ggn_and_fisher_references_are_dense_jacobian_products(monkeypatch):
+    # The hand-written references (jvp, loss HVP, vjp) against dense Jacobians, and not H·v.
+    import jax
+
+    monkeypatch.syspath_prepend(ROOT)
+    from bench import methods as M
+    from bench.cases import mlp
+
+    with jax.numpy_rank_promotion("allow"):  # the bench MLP broadcasts its biases
+        _check_ggn_fisher_references(M, mlp)
+
+
+def _check_ggn_fisher_references(M, mlp):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.flatten_util import ravel_pytree
+
+    dtype = np.float64 if X64 else np.float32
+    case = mlp((3, 4, 2), 5, dtype, "t")
+    p = {k: jnp.asarray(a) for k, a in case.params.items()}
+    x, y = (jnp.asarray(a) for a in case.data)
+    flat, unravel = ravel_pytree(p)
+    v, _ = ravel_pytree({k: jnp.asarray(a) for k, a in case.tangent.items()})
+    J = jax.jacobian(lambda q: case.model(unravel(q), x).ravel())(flat)
+    z = case.model(p, x)
+    H_out = jax.hessian(lambda zz: case.out_loss(zz.reshape(z.shape), y))(z.ravel())
+    Je = jax.jacobian(lambda q: case.per_example(unravel(q), x, y))(flat)
+    tol = 1e-10 if X64 else 1e-4
+    for kind, want in (("ggn", J.T @ (H_out @ (J @ v))), ("fisher", Je.T @ (Je @ v) / 5)):
+        got, _ = ravel_pytree(M.curvature_reference(kind, case))
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(jnp.max(jnp.abs(want))))
+    hv = jax.jvp(jax.grad(lambda q: case.loss_jax(unravel(q), x, y)), (flat,), (v,))[1]
+    assert float(jnp.max(jnp.abs(hv - J.T @ (H_out @ (J @ v))))) > 1e-3 * float(jnp.max(jnp.abs(hv)))
+
+
+# ---- the curvature suite (issue #10) --------------------------------------------------------------
+
+EIG_TOL = {"float32": 1e-4, "float64": 1e-7}
+
+
+@pytest.fixture(scope="module")
+def curvature_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("curvature")
+    dtype = "float64" if X64 else "float32"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench", "--suite", "curvature-tiny", "--dtype",
+                           dtype, "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text()), out, proc.stdout, dtype
+
+
+@pytest.mark.slow
+def test_curvature_answers_match_the_dense_reference(curvature_run):
+    records, dtype = curvature_run[0]["records"], curvature_run[3]
+    assert {r["task"] for r in records} == {"eig5", "eig1", "trace", "density"}
+    for r in records:
+        assert r["total_s"] > 0 and r["compile_s"] > 0 and r["num_matvecs"] > 0, r
+        if r["method"] == "matvecs":  # the cost floor, no answer
+            assert r["error"] is None
+            continue
+        assert r["error"] is not None, r
+        assert "dense" in r["reference"] or "exact" in r["reference"], r
+        if r["task"] in ("eig5", "eig1"):
+            # PyHessian and its loop stop on a relative change of 1e-6: a looser answer. Top-5
+            # from 32 Lanczos steps is limited by convergence, not rounding (2.5e-5 measured on
+            # transformer-d8 in float64).
+            slack = 1e-4 if r["method"] in ("pyhessian", "loop_power") else EIG_TOL[dtype]
+            slack = max(slack, 1e-3) if r["task"] == "eig5" else slack
+            assert r["error"] <= slack, r
+            assert len(r["answer"]) == (5 if r["task"] == "eig5" else 1)
+        elif r["task"] == "trace":  # unbiased estimates: within a few of their standard errors
+            ref = r["reference_answer"]
+            assert abs(r["answer"] - ref) <= 5 * r["stderr"] + 1e-3 * abs(ref), r
+        else:
+            assert r["error"] <= 0.05, r  # W1 / range of 4 SLQ probes
+
+
+@pytest.mark.slow
+def test_curvature_compares_pyhessian_matfree_and_scipy(curvature_run):
+    records, out, stdout, _ = curvature_run
+    methods = {(r["task"], r["method"]) for r in records["records"] if r["case"] == "mlp-ce-tiny"}
+    assert {("eig5", "jhvp_eigh"), ("eig5", "loop_lanczos"), ("eig5", "scipy_eigsh"),
+            ("eig1", "jhvp_eigh_rtol"), ("eig1", "loop_power"), ("trace", "jhvp_trace"),
+            ("trace", "loop_hutchinson"), ("density", "jhvp_density"),
+            ("density", "loop_slq")} <= methods
+    if _installed("matfree"):
+        assert {("eig5", "matfree_lanczos"), ("eig1", "matfree_lanczos"),
+                ("trace", "matfree_hutchinson"), ("density", "matfree_slq")} <= methods
+    if _installed("pyhessian"):
+        assert {("eig5", "pyhessian"), ("eig1", "pyhessian"), ("trace", "pyhessian")} <= methods
+        assert ("density", "pyhessian") not in methods
+        for text in (stdout, (out / "results.md").read_text()):
+            assert "PyHessian density() is broken" in text and "torch.eig" in text
+    assert (out / "results.png").stat().st_size > 10_000
+    assert (out / "results.md").read_text().startswith("# jhvp curvature benchmark")
+
+
+@pytest.mark.slow
+def test_curvature_report_rerenders(curvature_run, tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps(curvature_run[0]))
+    proc = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "### mlp-ce-tiny: top-5 eigenvalues" in (tmp_path / "results.md").read_text()
+
+
+def test_curvature_bars_name_cases_that_exist(monkeypatch):
+    import numpy as np
+
+    monkeypatch.syspath_prepend(ROOT)
+    from bench import curvature_methods as CM
+    from bench import report
+    from bench.curvature import suite
+
+    records = []
+    for case, tasks in suite("curvature", np.float32):
+        for task in tasks:
+            for m in CM.METHODS[task]:
+                records.append({"case": case.name, "family": case.family, "task": task,
+                                "method": m, "dtype": "float32", "device": "cpu",
+                                "n_params": case.n_params, "median_s": 1.0, "total_s": 1.0,
+                                "error": 1e-6})
+    figures = {what for what, *_ in report.bars(records)}
+    assert {"PyHessian eigenvalues(maxIter=200, tol=1e-6) / jhvp eigh(k=1, rtol), mlp-ce-85k "
+            "(speed-up, time to answer)",
+            "eigh(k=5, num_matvecs=32) / 32 operator applications, mlp-ce-85k",
+            "eigh(k=5, num_matvecs=32) / 32 operator applications, mlp-ce-1.8M",
+            "trace(num_matvecs=99, batch_size=33) / Python loop of 99 probes, rosenbrock-1e4",
+            } <= figures, figures
