@@ -139,6 +139,28 @@ def test_probe_i_depends_only_on_fold_in_key_i():
     np.testing.assert_allclose(float(short.estimate), expect, rtol=1e-10 if X64 else 1e-5)
 
 
+@pytest.mark.parametrize("kappa", [1.0, 1e3, 1e6])
+def test_orthonormal_basis_one_pass_or_two(kappa):
+    # Well-conditioned sketches take one CholeskyQR pass, ill-conditioned or rank-deficient
+    # ones a second: Q is orthonormal either way and spans the sketch.
+    from jhvp.curvature import _trace
+
+    rng = np.random.default_rng(0)
+    u, _ = np.linalg.qr(rng.normal(size=(500, 8)))
+    v, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    s = np.geomspace(1.0, 1.0 / kappa, 8)
+    y = jnp.asarray((u * s) @ v.T, DTYPE).T
+    q = np.asarray(jax.jit(_trace.orthonormal_basis)(y), np.float64)
+    cols = np.linalg.norm(q, axis=0) > 0.5
+    tol = 1e-10 if X64 else 1e-5
+    np.testing.assert_allclose(q[:, cols].T @ q[:, cols], np.eye(int(cols.sum())), atol=tol)
+    if kappa ** 2 * float(jnp.finfo(DTYPE).eps) < 1e-3:
+        assert cols.all()
+        # range(Q) = range(yᵀ): projecting yᵀ onto Q changes nothing.
+        yt = np.asarray(y, np.float64).T
+        np.testing.assert_allclose(q @ (q.T @ yt), yt, atol=1e3 * tol)
+
+
 # ---- errors -------------------------------------------------------------------------------------
 
 

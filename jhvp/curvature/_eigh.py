@@ -46,7 +46,7 @@ def _select(state: _lanczos.Flat, k: int, which: str) -> tuple[jax.Array, ...]:
     return theta[top], S[:, top], residuals
 
 
-def _eigh_impl(flat_op, key, *, k, which, num_matvecs, rtol):
+def _eigh_impl(flat_op, key, *, k, which, num_matvecs, rtol, reortho):
     dtype = flat_op.dtype
     v0 = jax.random.normal(jax.random.fold_in(key, 0), (flat_op.n,), dtype)
     stop = None
@@ -58,7 +58,7 @@ def _eigh_impl(flat_op, key, *, k, which, num_matvecs, rtol):
             return (state.steps >= k) & jnp.all(ok)
 
     state = _lanczos.lanczos_flat(
-        flat_op.matvec, v0, num_matvecs, reortho="full", restart_key=jax.random.fold_in(key, 1),
+        flat_op.matvec, v0, num_matvecs, reortho=reortho, restart_key=jax.random.fold_in(key, 1),
         stop=stop, check_every=max(2, num_matvecs // 8),
     )
     theta, S_k, residuals = _select(state, k, which)
@@ -75,17 +75,21 @@ def eigh(
     which: str = "LA",
     num_matvecs: int | None = None,
     rtol: float | None = None,
+    reortho: str = "partial",
     like: PyTree = None,
 ) -> EighResult:
     """Computes k extreme eigenpairs A y = λ y of a symmetric operator by the Lanczos method.
 
-    Runs the Lanczos iteration from a random start vector (drawn from `key`) with full
-    reorthogonalisation (see `lanczos`), then takes the Ritz pairs of the tridiagonal T
+    Runs the Lanczos iteration from a random start vector (drawn from `key`) with partial
+    reorthogonalisation (see `lanczos`: the basis stays orthogonal to √ε, which keeps the
+    Ritz values accurate and ghost-free), then takes the Ritz pairs of the tridiagonal T
     (`jnp.linalg.eigh` of an m×m matrix). Extreme eigenvalues converge first, fastest where they
     are well separated from the rest of the spectrum (Kaniel-Paige-Saad bounds; Saad 2011,
     ch. 6). The residual of each pair is the standard estimate |β_m s_{m,i}| (s_{m,i} the last
     component of T's eigenvector), equal to ‖A y - λ y‖ up to rounding. Cost: m operator
-    applications, the m×n basis in memory and two passes over it per step.
+    applications, the m×n basis in memory and two passes over it per reorthogonalising step
+    (every step with `reortho="full"`; with "partial", those where the ω-recurrence says
+    orthogonality would fall below √ε, and the step after each).
 
     Args:
         op: A `jhvp.HessianOperator` (or any jhvp operator), or a symmetric linear callable on
@@ -98,6 +102,9 @@ def eigh(
             min(n, max(4k, 32)). With `rtol`, the cap.
         rtol: Stop early, once the k wanted pairs have residual ≤ rtol·|λ| (checked every
             max(2, num_matvecs // 8) steps); default None runs all num_matvecs steps.
+        reortho: "partial" (default: eigenvectors orthogonal to about √ε) or "full"
+            (orthogonal to working precision, a reorthogonalisation every step); see
+            `lanczos`.
         like: A pytree of arrays or `jax.ShapeDtypeStruct` with the structure of v; needed for
             a plain callable `op`.
 
@@ -108,7 +115,7 @@ def eigh(
         TypeError: `op` is a plain callable and `like` is missing; `key` is not a PRNG key; a
             non-int `k` or `num_matvecs`.
         ValueError: `num_matvecs` > n; `k` > num_matvecs; an unknown `which`; a non-positive
-            `rtol`; `like` does not match what `op` returns.
+            `rtol`; an unknown `reortho`; `like` does not match what `op` returns.
 
     Examples:
         >>> import jax, jax.numpy as jnp, jhvp
@@ -136,8 +143,10 @@ def eigh(
             f"`num_matvecs` = {num_matvecs}; raise num_matvecs (about 4k or more is typical)."
         )
     rtol = _protocol.check_positive(rtol, "rtol", api)
+    _protocol.check_choice(reortho, ("partial", "full"), "reortho", api)
     return _protocol.run(
-        _eigh_impl, op, struct, key, api=api, k=k, which=which, num_matvecs=num_matvecs, rtol=rtol
+        _eigh_impl, op, struct, key, api=api, k=k, which=which, num_matvecs=num_matvecs,
+        rtol=rtol, reortho=reortho,
     )
 
 

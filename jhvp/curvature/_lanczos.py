@@ -1,4 +1,4 @@
-"""The Lanczos iteration (Lanczos 1950) with full reorthogonalisation by matrix products."""
+"""The Lanczos iteration (Lanczos 1950) with full or partial reorthogonalisation."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import jax.numpy as jnp
 from .._typing import PyTree
 from . import _protocol
 
-REORTHO = ("full", "none")
+REORTHO = ("full", "partial", "none")
 # Reorthogonalisation must be exact to working precision: TF32 or bf16 passes on accelerators
 # (the default for float32 matmuls on some) would leave the basis orthogonal to 1e-3 only.
 _HIGHEST = jax.lax.Precision.HIGHEST
+# A second Gram-Schmidt pass runs when the first removed more than 1 - 1/√2 of the norm
+# (Daniel, Gragg, Kaufman & Stewart 1976, the test ARPACK uses): below, one pass is enough.
+_DGKS = 0.7071067811865476
 
 
 class LanczosResult(NamedTuple):
@@ -40,16 +43,34 @@ class Flat(NamedTuple):
     steps: jax.Array  # () int32: matvecs done = filled basis rows (when no restart is pending)
     done: jax.Array  # () bool: stopped early (breakdown without restart, or `stop` said so)
     scale: jax.Array  # () running estimate of ‖A‖, for the breakdown test
+    omega: jax.Array  # (m,) estimated q_jᵀq_k, k ≤ j, of the newest row j (partial reortho)
+    omega_prev: jax.Array  # (m,) the same for row j - 1
+    force: jax.Array  # () bool: reorthogonalise the next vector (the second of a pair)
+    reorthos: jax.Array  # () int32: steps that reorthogonalised against the basis
+
+
+def _project_out(basis: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    c = jnp.matmul(basis, w, precision=_HIGHEST)
+    return w - jnp.matmul(c, basis, precision=_HIGHEST), c
 
 
 def _orthogonalise(basis: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # Classical Gram-Schmidt against every stored row at once (unfilled rows are zero), twice:
-    # "twice is enough" (Parlett 1980, ch. 6.9, after Kahan; Giraud et al. 2005).
-    c1 = jnp.matmul(basis, w, precision=_HIGHEST)
-    w = w - jnp.matmul(c1, basis, precision=_HIGHEST)
-    c2 = jnp.matmul(basis, w, precision=_HIGHEST)
-    w = w - jnp.matmul(c2, basis, precision=_HIGHEST)
-    return w, c1 + c2
+    # Classical Gram-Schmidt against every stored row at once (unfilled rows are zero), with a
+    # second pass only when the first cancelled (DGKS): "twice is enough" (Parlett 1980, 6.9).
+    # Against a basis orthogonal only to √ε (partial reorthogonalisation), one pass leaves
+    # about √ε·‖c‖ of the removed components c behind: a second pass also runs when
+    # ‖c‖ > √ε‖w‖, so the result is orthogonal to working precision either way.
+    # Each pass reads the whole basis twice: the memory traffic of a reorthogonalisation.
+    w1, c1 = _project_out(basis, w)
+    norm1 = jnp.linalg.norm(w1)
+    sqrt_eps = jnp.sqrt(jnp.asarray(jnp.finfo(w.dtype).eps, w.dtype))
+    again = (norm1 < _DGKS * jnp.linalg.norm(w)) | (jnp.linalg.norm(c1) > sqrt_eps * norm1)
+
+    def second(w1):
+        w2, c2 = _project_out(basis, w1)
+        return w2, c1 + c2
+
+    return jax.lax.cond(again, second, lambda w1: (w1, c1), w1)
 
 
 def _normalise(v: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -65,37 +86,81 @@ def init(v0: jax.Array, num_matvecs: int) -> Flat:
     q0 = jnp.where(norm > 0, q0, jnp.zeros(n, dtype).at[0].set(1))
     basis = jnp.zeros((num_matvecs, n), dtype).at[0].set(q0)
     zeros = jnp.zeros(num_matvecs, dtype)
-    return Flat(basis, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), bool),
-                jnp.zeros((), dtype))
+    false, zero = jnp.zeros((), bool), jnp.zeros((), jnp.int32)
+    return Flat(basis, zeros, zeros, zero, false, jnp.zeros((), dtype), zeros.at[0].set(1),
+                zeros, false, zero)
+
+
+def _omega(state: Flat, alpha: jax.Array, beta: jax.Array, scale: jax.Array) -> jax.Array:
+    """Simon's recurrence (1984, eq. 3.6) for ω_{j+1,k} ≈ q_{j+1}ᵀq_k, all k at once.
+
+    Rounding enters each step as ±ε‖A‖, added with the sign of the term (a bound, as PROPACK's
+    update does), so the estimate errs towards reorthogonalising early.
+    """
+    alphas, betas, j, om, om_prev = state.alphas, state.betas, state.steps, state.omega, \
+        state.omega_prev
+    dtype = om.dtype
+    zero = jnp.zeros((1,), dtype)
+    eps = jnp.asarray(jnp.finfo(dtype).eps, dtype)
+    beta_prev = jnp.where(j > 0, betas[jnp.maximum(j - 1, 0)], jnp.zeros((), dtype))
+    t = (betas * jnp.concatenate([om[1:], zero]) + (alphas - alpha) * om
+         + jnp.concatenate([zero, betas[:-1] * om[:-1]]) - beta_prev * om_prev)
+    t = t + jnp.where(t >= 0, eps, -eps) * scale
+    safe = jnp.maximum(beta, eps * scale)
+    idx = jnp.arange(om.shape[0], dtype=j.dtype)
+    local = eps * scale / safe  # ω_{j+1,j}: the three-term recurrence's own rounding
+    return jnp.where(idx < j, t / safe, jnp.where(idx == j, local, jnp.zeros_like(t)))
 
 
 def step(matvec: Callable, state: Flat, reortho: str, restart_key: Any = None) -> Flat:
     """One Lanczos step: applies the operator once, fills alphas[j], betas[j] and row j + 1."""
     basis, alphas, betas, j = state.basis, state.alphas, state.betas, state.steps
     m, n = basis.shape
+    dtype = basis.dtype
     q = basis[j]
     w = matvec(q)
-    if reortho == "full":
-        # The projection coefficients on q_j give alpha; those on q_{j-1} replace the three-term
-        # recurrence's beta_{j-1} q_{j-1}, so the recurrence and the reorthogonalisation are the
-        # same two passes over the basis.
-        w, coeffs = _orthogonalise(basis, w)
-        alpha = coeffs[j]
+    # The three-term recurrence first (two vectors); the basis is read only to reorthogonalise.
+    alpha = jnp.vdot(q, w)
+    prev = basis[jnp.maximum(j - 1, 0)]
+    beta_prev = jnp.where(j > 0, betas[jnp.maximum(j - 1, 0)], jnp.zeros((), dtype))
+    w = w - alpha * q - beta_prev * prev
+    beta = jnp.linalg.norm(w)
+    scale = jnp.maximum(state.scale, jnp.abs(alpha) + beta + beta_prev)
+    eps = jnp.asarray(jnp.finfo(dtype).eps, dtype)
+    if reortho == "partial":
+        # Partial reorthogonalisation (Simon 1984; Larsen's PROPACK): track the loss of
+        # orthogonality with the ω-recurrence and reorthogonalise only once it passes √ε, the
+        # new vector and the next one (whose recurrence reads the old, unrepaired q_j).
+        # Semi-orthogonality (‖QᵀQ − I‖ ≤ √ε) keeps T's Ritz values accurate to ε‖A‖ and
+        # ghost-free (Simon 1984, Theorem 4).
+        omega = _omega(state, alpha, beta, scale)
+        need = state.force | (jnp.max(jnp.abs(omega)) > jnp.sqrt(eps))
     else:
-        alpha = jnp.vdot(q, w)
-        prev = basis[jnp.maximum(j - 1, 0)]
-        beta_prev = jnp.where(j > 0, betas[jnp.maximum(j - 1, 0)], jnp.zeros((), w.dtype))
-        w = w - alpha * q - beta_prev * prev
-    w, beta = _normalise(w)
-    scale = jnp.maximum(state.scale, jnp.abs(alpha) + beta)
+        omega = state.omega
+        need = jnp.asarray(reortho == "full")
+    if reortho != "none":
+        def reorthogonalise(w):
+            w, c = _orthogonalise(basis, w)
+            # The coefficient on q_j refines alpha: T stays QᵀAQ to working precision.
+            return w, c[j], jnp.linalg.norm(w)
+
+        if reortho == "full":
+            w, dalpha, beta = reorthogonalise(w)
+        else:
+            w, dalpha, beta = jax.lax.cond(
+                need, reorthogonalise, lambda w: (w, jnp.zeros((), dtype), beta), w)
+        alpha = alpha + dalpha
+    # beta is ‖w‖ already: one pass over w fewer per step.
+    w = w / jnp.where(beta > 0, beta, jnp.ones_like(beta))
     # Breakdown: beta ≈ 0 means span(q_0..q_j) is invariant (Paige 1971). Normalising the
     # leftover rounding noise would still give an orthonormal basis under full
     # reorthogonalisation; only an exact or near-exact zero must not be divided by.
-    broken = beta <= jnp.finfo(w.dtype).eps * scale
+    broken = beta <= eps * scale
     last = j + 1 >= m
     if restart_key is not None:
         def fresh(_):
-            r = jax.random.normal(jax.random.fold_in(restart_key, j + 1), (n,), w.dtype)
+            r = jax.random.normal(jax.random.fold_in(restart_key, j + 1), (n,), dtype)
+            r, _ = _orthogonalise(basis, r)
             r, _ = _orthogonalise(basis, r)
             return _normalise(r)[0]
 
@@ -107,11 +172,19 @@ def step(matvec: Callable, state: Flat, reortho: str, restart_key: Any = None) -
         w = jnp.where(broken, jnp.zeros_like(w), w)
         done = state.done | (broken & ~last)
     beta = jnp.where(broken & ~last, jnp.zeros_like(beta), beta)
+    idx = jnp.arange(m, dtype=j.dtype)
+    # After a reorthogonalisation (or a restart, orthogonal by construction) q_{j+1} is
+    # orthogonal to working precision; ω_{j+1,j+1} = 1.
+    fresh_omega = jnp.where(idx <= j, eps, jnp.zeros_like(omega))
+    omega = jnp.where(need | broken, fresh_omega, omega)
+    omega = jnp.where(idx == j + 1, jnp.ones_like(omega), omega)
     row = jnp.minimum(j + 1, m - 1)
     basis = jax.lax.dynamic_update_slice(
         basis, jnp.where(last, basis[row], w)[None, :], (row, jnp.zeros((), row.dtype))
     )
-    return Flat(basis, alphas.at[j].set(alpha), betas.at[j].set(beta), j + 1, done, scale)
+    return Flat(basis, alphas.at[j].set(alpha), betas.at[j].set(beta), j + 1, done, scale,
+                omega, state.omega, need & ~state.force & (reortho == "partial"),
+                state.reorthos + need.astype(jnp.int32))
 
 
 def lanczos_flat(
@@ -158,8 +231,14 @@ def lanczos(op: Any, v0: PyTree, num_matvecs: int, *, reortho: str = "full") -> 
     alphas, betas[:m-1]); T's eigenvalues (Ritz values) approximate A's extreme eigenvalues.
     In floating point, the plain three-term recurrence loses orthogonality as Ritz values
     converge and produces spurious copies ("ghosts") of them (Paige 1971); `reortho="full"`
-    orthogonalises each new vector against the whole basis, twice, as two matrix products
-    ("twice is enough", Parlett 1980): O(m n) extra work and the m×n basis in memory.
+    orthogonalises each new vector against the whole basis by matrix products (classical
+    Gram-Schmidt, a second pass only when the first cancelled: "twice is enough", Parlett
+    1980): O(m n) extra work and memory traffic per step and the m×n basis in memory.
+    `reortho="partial"` (Simon 1984) estimates the loss of orthogonality with the
+    ω-recurrence (O(m) work per step) and reorthogonalises only the steps where it would
+    pass √ε, and the step after each: the basis stays orthogonal to about √ε, which keeps
+    the Ritz values accurate to working precision and free of ghosts, for a fraction of the
+    traffic (how small a fraction depends on how fast Ritz values converge).
 
     If an invariant subspace is found after j < m steps (beta ≈ 0), the iteration stops there:
     `num_matvecs` reports j, `betas[j-1]` is 0 and the rows and entries beyond j are zero.
@@ -170,7 +249,8 @@ def lanczos(op: Any, v0: PyTree, num_matvecs: int, *, reortho: str = "full") -> 
         v0: The start vector, a pytree with the operator's input structure (need not be
             normalised).
         num_matvecs: m, the number of operator applications and of basis vectors, 1 ≤ m ≤ n.
-        reortho: "full" (default) or "none" (the plain recurrence: cheaper, loses
+        reortho: "full" (default: orthogonal to working precision), "partial" (orthogonal
+            to about √ε, cheaper) or "none" (the plain recurrence: cheapest, loses
             orthogonality).
 
     Returns:
