@@ -7,6 +7,7 @@ primal, one of the tangents, a dict hit for the program.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks, _filter, _jit
+
+_tree_flatten = jax.tree_util.tree_flatten
+_MethodType = types.MethodType
 
 _options: dict = {}
 
@@ -39,36 +43,55 @@ def options(api: str, n_primals: int, argnums: Any, has_aux: Any, mode: Any = "f
     return key
 
 
-def prepare(f: Callable, primals: tuple, key: _jit.CallKey,
-            build: Callable[[_jit.Entry, _jit.CallKey], Callable]):
-    """Returns (entry, leaves, dynamic leaves) for this call; builds the program on a miss."""
-    if not callable(f):
+def run(key: _jit.CallKey, f: Callable, primals: tuple,
+        build: Callable[[_jit.Entry, _jit.CallKey], Callable], vectors: Any = None,
+        name: str | None = None) -> Any:
+    """Runs the cached program for this call and returns its output.
+
+    `vectors` and their `name` ("tangents", "cotangents") are given by calls that take vectors.
+    The per-call path, kept flat: one flatten of (f, primals, vectors), a plan found by treedef,
+    the leaves' roles, an entry found by roles, the call under the entry's lock (which makes
+    concurrent first calls trace once; while tracing, the program reads this call's leaves from
+    the entry).
+    """
+    if type(f) is _MethodType or not callable(f):
         _checks.check_callable(f, key.api)
-    leaves, treedef = _filter.flatten(f, primals)
-    plan = _jit.plan(key, treedef)
+        f = _filter.as_pytree_callable(f)
+    leaves, treedef = _tree_flatten((f, primals, vectors))
+    plan = key.plans.get(treedef) or _jit.plan(key, treedef)
     roles, dynamic = _filter.roles(leaves, plan.in_diff)
-    entry = plan.entries.get(roles)
-    if entry is None:
+    entry = plan.entries.get(roles) or _make_entry(key, plan, roles, leaves, build, vectors, name)
+    with entry.lock:
+        entry.leaves = leaves
+        try:
+            if name is None:
+                return entry.jitted(dynamic)
+            vecs = leaves[entry.layout.n_inputs :]
+            if entry.selection is not None:
+                vecs = [vecs[i] for i in entry.selection]
+            return entry.jitted(dynamic, vecs)
+        finally:
+            entry.leaves = None
 
-        def make() -> _jit.Entry:
-            made = _jit.Entry(_filter.Layout(plan, roles, leaves, key.argnums))
-            made.jitted = build(made, key)
-            return made
 
-        entry = _jit.lookup(plan.entries, roles, make)
-    return entry, leaves, dynamic
+def _make_entry(key, plan, roles, leaves, build, vectors, name) -> _jit.Entry:
+    # A miss: the vectors' structure is checked against the differentiated primals' before the
+    # entry exists, so a bad structure raises on every call.
+    def make() -> _jit.Entry:
+        layout = _filter.Layout(plan, roles, leaves, key.argnums)
+        selection = None
+        if name is not None:
+            selection = layout.vector_selection(key.single)
+            if selection is False:
+                diff = [leaves[p] for p in layout.diff_positions]
+                _checks.check_tangents(layout.unflatten_diff(diff, key.single), vectors, name,
+                                       key.api)
+                raise AssertionError("unreachable: check_tangents accepted a bad structure")
+        made = _jit.Entry(layout, selection)
+        made.jitted = build(made, key)
+        return made
 
-
-def tangent_leaves(entry: _jit.Entry, leaves: list, tangents: Any, key: _jit.CallKey,
-                   name: str) -> list:
-    """The tangents' differentiated leaves; a ValueError naming the first bad leaf otherwise."""
-    layout = entry.layout
-    flat = layout.tangent_leaves(tangents, key.single)
-    if flat is None:
-        expected = layout.unflatten_diff([leaves[p] for p in layout.diff_positions], key.single)
-        _checks.check_tangents(expected, tangents, name, key.api)
-        raise AssertionError("unreachable: check_tangents accepted a rejected structure")
-    return flat
+    return _jit.lookup(plan.entries, roles, make)
 
 
 # ---- trace time -------------------------------------------------------------------------------

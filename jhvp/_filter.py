@@ -149,9 +149,9 @@ def as_pytree_callable(f: Callable) -> Any:
     return f
 
 
-def flatten(f: Callable, primals: tuple) -> tuple[list, Any]:
-    """Flattens (f, primals) in one pass: (leaves, treedef)."""
-    return jax.tree.flatten((as_pytree_callable(f), primals))
+def flatten(f: Callable, primals: tuple, vectors: Any = None) -> tuple[list, Any]:
+    """Flattens (f, primals, vectors) in one pass: (leaves, treedef); vectors' leaves last."""
+    return jax.tree_util.tree_flatten((as_pytree_callable(f), primals, vectors))
 
 
 class Plan:
@@ -161,10 +161,10 @@ class Plan:
     Holds the compiled entries for each assignment of roles (`entries`).
     """
 
-    __slots__ = ("treedef", "trees", "bounds", "in_diff", "entries", "__weakref__")
+    __slots__ = ("treedef", "trees", "bounds", "in_diff", "vectors_tree", "entries", "__weakref__")
 
     def __init__(self, treedef: Any, argnums: tuple[int, ...]):
-        f_tree, primals_tree = treedef.children()
+        f_tree, primals_tree, self.vectors_tree = treedef.children()
         self.treedef = treedef
         self.trees = (f_tree, *primals_tree.children())
         bounds = [f_tree.num_leaves]
@@ -185,19 +185,25 @@ _FAST_ARRAY_TYPES = {np.ndarray}
 
 
 def roles(leaves: list, in_diff: tuple) -> tuple[tuple, list]:
-    """Each leaf's role (DIFF, DYNAMIC, or its static key), and the traced leaves in order."""
+    """Each leaf's role (DIFF, DYNAMIC, or its static key), and the traced leaves in order.
+
+    Only the leaves of f and the primals (the first `len(in_diff)`) are looked at.
+    """
     # The per-call hot path: a plain loop, the common types tested first.
     out, dynamic = [], []
     fast, function = _FAST_ARRAY_TYPES, types.FunctionType
-    for leaf, differentiated in zip(leaves, in_diff):  # noqa: B905 - lengths from one treedef
+    for leaf, differentiated in zip(leaves, in_diff):  # noqa: B905 - in_diff covers f, primals
         t = type(leaf)
-        if t in fast or (t is not function and isinstance(leaf, ARRAY_TYPES)):
+        if t in fast:
             out.append(DIFF if differentiated else DYNAMIC)
             dynamic.append(leaf)
-            if t not in fast and isinstance(leaf, jax.Array) and not isinstance(leaf, Tracer):
-                fast.add(t)
         elif t is function:
             out.append(weakref.ref(leaf))  # hashable by identity, weakly held
+        elif isinstance(leaf, ARRAY_TYPES):
+            out.append(DIFF if differentiated else DYNAMIC)
+            dynamic.append(leaf)
+            if isinstance(leaf, jax.Array) and not isinstance(leaf, Tracer):
+                fast.add(t)
         elif differentiated and (t is float or t is complex):
             out.append(DIFF)  # as jax.grad does; complex ones are rejected when traced
             dynamic.append(leaf)
@@ -220,6 +226,10 @@ class Layout:
 
     def __init__(self, plan: Plan, roles: tuple, leaves: list, argnums: tuple[int, ...]):
         self.plan = plan
+        self.n_inputs = len(plan.in_diff)  # leaves of f and the primals; the vectors' follow
+        self.rebuild_tree = jax.tree_util.treedef_tuple(
+            (plan.trees[0], jax.tree_util.treedef_tuple(plan.trees[1:]))
+        )
         self.argnums = argnums
         self.dynamic_positions = tuple(
             i for i, r in enumerate(roles) if r is DIFF or r is DYNAMIC
@@ -256,28 +266,27 @@ class Layout:
             off + p for off, ps in zip(offsets, full_diff, strict=True) for p in ps
         )
 
+    def vector_selection(self, single: bool) -> tuple[int, ...] | None:
+        """Which of the vectors' leaves pair with the differentiated leaves (None: all of them).
+
+        Returns False when the vectors' structure is neither accepted form.
+        """
+        diff_tree, full_tree = self.tangent_trees[single]
+        tree = self.plan.vectors_tree
+        if tree == diff_tree:
+            return None
+        if tree == full_tree:
+            return self.full_selection
+        return False
+
     def primal_leaves(self, leaves: list, i: int) -> tuple[int, list]:
         """Primal i's offset in the flat leaves, and its leaves."""
         lo, hi = self.bounds[i + 1], self.bounds[i + 2]
         return lo, leaves[lo:hi]
 
-    def tangent_leaves(self, tangents: Any, single: bool) -> list | None:
-        """Returns the tangents' differentiated leaves, or None if their structure is wrong.
-
-        Accepted: the differentiated structure (None at static leaves), or the primals' own
-        structure with the static leaves repeated (they are ignored).
-        """
-        leaves, tree = jax.tree.flatten(tangents)
-        diff_tree, full_tree = self.tangent_trees[single]
-        if tree == diff_tree:
-            return leaves
-        if tree == full_tree:
-            return [leaves[p] for p in self.full_selection]
-        return None
-
     def rebuild(self, leaves: list) -> tuple[Callable, tuple]:
-        """Returns (f, primals) from a full flat leaf list."""
-        return self.plan.treedef.unflatten(leaves)
+        """Returns (f, primals) from the flat leaves of f and the primals."""
+        return self.rebuild_tree.unflatten(leaves[: self.n_inputs])
 
     def unflatten_diff(self, flat: list, single: bool) -> Any:
         """Splits flat differentiated leaves into the per-argnum structure (None at statics)."""

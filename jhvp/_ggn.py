@@ -285,8 +285,7 @@ def ggn_operator(
         )
     key = _call.options(api, len(primals), argnums, False)
     f = jax.tree_util.Partial(_bundle, model, loss, tuple(loss_args))
-    entry, leaves, dynamic = _call.prepare(f, primals, key, _build)
-    return entry.call(leaves, dynamic)
+    return _call.run(key, f, primals, _build)
 
 
 def empirical_fisher_operator(
@@ -338,5 +337,4 @@ def empirical_fisher_operator(
     per_example_loss = _check_callable(per_example_loss, "per_example_loss", api)
     primals = _checks.check_primals(primals, api)
     key = _call.options(api, len(primals), argnums, False)
-    entry, leaves, dynamic = _call.prepare(per_example_loss, primals, key, _build)
-    return entry.call(leaves, dynamic)
+    return _call.run(key, per_example_loss, primals, _build)

@@ -34,12 +34,11 @@ def _build(entry: _jit.Entry, key: _jit.CallKey) -> Callable:
 
 
 def _product(api: str, f, primals, vectors, argnums, has_aux, mode):
-    primals = _checks.check_primals(primals, api)
+    if type(primals) is not tuple:
+        primals = _checks.check_primals(primals, api)
     key = _call.options(api, len(primals), argnums, has_aux, mode)
-    entry, leaves, dynamic = _call.prepare(f, primals, key, _build)
-    vecs = _call.tangent_leaves(entry, leaves, vectors,  key,
-                                "cotangents" if api == "vhp" else "tangents")
-    return entry.call(leaves, dynamic, vecs), key.has_aux
+    name = "cotangents" if api == "vhp" else "tangents"
+    return _call.run(key, f, primals, _build, vectors, name), key.has_aux
 
 
 @overload

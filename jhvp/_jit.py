@@ -36,6 +36,9 @@ class CallKey:
     mode: str = "fwd_rev"
     extra: tuple = ()
 
+    plans: dict = dataclasses.field(default_factory=dict, repr=False)
+    """The `Plan` of each structure called with these options, by treedef."""
+
     @staticmethod
     @functools.lru_cache(maxsize=1024)
     def of(api: str, argnums: tuple = (), single: bool = True, has_aux: bool = False,
@@ -47,10 +50,11 @@ class CallKey:
 class Entry:
     """A cached jitted program and what it needs to run: its lock and its layout."""
 
-    __slots__ = ("jitted", "lock", "leaves", "layout", "_refs", "__weakref__")
+    __slots__ = ("jitted", "lock", "leaves", "layout", "selection", "_refs", "__weakref__")
 
-    def __init__(self, layout: Any = None):
+    def __init__(self, layout: Any = None, selection: tuple[int, ...] | None = None):
         self.jitted: Callable | None = None
+        self.selection = selection  # which vector leaves pair with differentiated leaves
         self.lock = threading.RLock()
         self.leaves: list | None = None  # the running call's leaves, read while tracing
         self.layout = layout
@@ -67,7 +71,7 @@ class Entry:
 
 
 _lock = threading.Lock()
-_plans: dict = {}  # (CallKey, treedef) -> Plan
+_keys: set = set()  # the CallKeys that hold plans
 _tables: dict = {}  # name -> entries, for callers without a Plan (jhvp.compat)
 
 
@@ -79,15 +83,17 @@ def _evict(entries: dict, key: Any, _ref: Any = None) -> None:
 
 def plan(key: CallKey, treedef: Any) -> _filter.Plan:
     """Returns the `Plan` for these options and this structure, made once (thread-safe)."""
-    found = _plans.get((key, treedef))
+    plans = key.plans
+    found = plans.get(treedef)
     if found is not None:
         return found
     with _lock:
-        found = _plans.get((key, treedef))
+        found = plans.get(treedef)
         if found is None:
-            if len(_plans) >= _MAX_ENTRIES:
-                _plans.pop(next(iter(_plans)), None)
-            found = _plans[(key, treedef)] = _filter.Plan(treedef, key.argnums)
+            if len(plans) >= _MAX_ENTRIES:
+                plans.pop(next(iter(plans)), None)
+            found = plans[treedef] = _filter.Plan(treedef, key.argnums)
+            _keys.add(key)
         return found
 
 
@@ -122,6 +128,6 @@ def lookup(entries: dict, key: Any, make: Callable[[], Entry]) -> Entry:
 
 def cache_size() -> int:
     """Returns the number of cached programs (for tests and diagnostics)."""
-    plans = list(_plans.values())
+    plans = [p for key in list(_keys) for p in list(key.plans.values())]
     tables = list(_tables.values())
     return sum(len(p.entries) for p in plans) + sum(len(t) for t in tables)

@@ -172,7 +172,6 @@ def hessian_operator(
     _checks.check_choice(strategy, STRATEGIES, "strategy", "hessian_operator")
     key = _call.options("hessian_operator", len(primals), argnums, has_aux, "fwd_rev",
                         (strategy,))
-    entry, leaves, dynamic = _call.prepare(f, primals, key, _build)
-    return entry.call(leaves, dynamic)
+    return _call.run(key, f, primals, _build)
 
 
