@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from . import _checks, _filter, _jit
 
-_tree_flatten = jax.tree_util.tree_flatten
+_tree_flatten = jax.tree_util.default_registry.flatten  # tree_flatten, one frame less
 _MethodType = types.MethodType
 
 _options: dict = {}

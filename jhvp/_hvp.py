@@ -33,12 +33,11 @@ def _build(entry: _jit.Entry, key: _jit.CallKey) -> Callable:
     return jax.jit(program)
 
 
-def _product(api: str, f, primals, vectors, argnums, has_aux, mode):
+def _product(api: str, f, primals, vectors, argnums, has_aux, mode, name="tangents"):
     if type(primals) is not tuple:
         primals = _checks.check_primals(primals, api)
     key = _call.options(api, len(primals), argnums, has_aux, mode)
-    name = "cotangents" if api == "vhp" else "tangents"
-    return _call.run(key, f, primals, _build, vectors, name), key.has_aux
+    return _call.run(key, f, primals, _build, vectors, name)
 
 
 @overload
@@ -102,8 +101,8 @@ def hvp(f, primals, tangents, *, argnums=0, has_aux=False, mode="fwd_rev"):
         >>> print(hv["w"], hv["b"])  # H = diag(6w, 2)
         [ 6. 12.] 2.0
     """
-    (hv, aux), with_aux = _product("hvp", f, primals, tangents, argnums, has_aux, mode)
-    return (hv, _call.merge_aux(aux)) if with_aux else hv
+    hv, aux = _product("hvp", f, primals, tangents, argnums, has_aux, mode)
+    return hv if aux is None else (hv, _call.merge_aux(aux))
 
 
 @overload
@@ -144,8 +143,8 @@ def vhp(f, primals, cotangents, *, argnums=0, has_aux=False):
         >>> print(jhvp.vhp(lambda x: jnp.sum(x ** 3), (x,), v))
         [6. 0.]
     """
-    (vh, aux), with_aux = _product("vhp", f, primals, cotangents, argnums, has_aux, "rev_rev")
-    return (vh, _call.merge_aux(aux)) if with_aux else vh
+    vh, aux = _product("vhp", f, primals, cotangents, argnums, has_aux, "rev_rev", "cotangents")
+    return vh if aux is None else (vh, _call.merge_aux(aux))
 
 
 @overload
@@ -185,7 +184,7 @@ def value_grad_hvp(f, primals, tangents, *, argnums=0, has_aux=False):
         >>> print(value, grad, hv)
         9.0 [ 3. 12.] [ 6. 12.]
     """
-    (value, grad, hv, aux), with_aux = _product(
+    value, grad, hv, aux = _product(
         "value_grad_hvp", f, primals, tangents, argnums, has_aux, "fwd_rev"
     )
-    return ((value, _call.merge_aux(aux)) if with_aux else value), grad, hv
+    return (value if aux is None else (value, _call.merge_aux(aux))), grad, hv
