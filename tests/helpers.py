@@ -27,6 +27,17 @@ def tree_allclose(a, b, rtol=RTOL, atol=ATOL):
     return True
 
 
+def counting(fn):
+    """fn wrapped to count its calls (so, under jit, its traces): (wrapped, list of calls)."""
+    calls = []
+
+    def wrapped(*args):
+        calls.append(1)
+        return fn(*args)
+
+    return wrapped, calls
+
+
 def rand(key, shape, scale=1.0):
     return scale * jax.random.normal(jax.random.PRNGKey(key), shape, DTYPE)
 

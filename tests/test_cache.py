@@ -8,20 +8,10 @@ import weakref
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import DTYPE, rosenbrock
+from helpers import DTYPE, counting, rosenbrock
 
 import jhvp
 from jhvp import _jit
-
-
-def counting(fn):
-    calls = []
-
-    def f(*args):
-        calls.append(1)
-        return fn(*args)
-
-    return f, calls
 
 
 def test_repeated_calls_do_not_trace_again():

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import DTYPE, X64, dense_hvp, rand, tree_allclose
+from helpers import DTYPE, X64, counting, dense_hvp, rand, tree_allclose
 
 import jhvp
 
@@ -164,16 +164,6 @@ class Scaled:
 
     def loss(self, x):
         return jnp.sum(self.w * x**3)
-
-
-def counting(fn):
-    traces = []
-
-    def wrapped(*args):
-        traces.append(1)
-        return fn(*args)
-
-    return wrapped, traces
 
 
 def test_bound_method_of_a_pytree_sees_new_arrays():
