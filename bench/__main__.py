@@ -18,8 +18,17 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
+
+import numpy as np
+
+# No module of the bench imports jax or torch at import time: `configure` must come first.
+from . import curvature, harness, hvp, report
+from . import formatting as F
+from . import methods as M
+from .cases import suite
 
 
 def parse(argv=None):
@@ -68,8 +77,6 @@ def header(args) -> dict:
     import jax
     import jaxlib
 
-    from .methods import torch_available
-
     try:
         import jhvp
 
@@ -77,7 +84,7 @@ def header(args) -> dict:
     except ImportError:
         jhvp_version = "not importable"
     torch_version = "not installed"
-    if torch_available():
+    if M.torch_available():
         import torch
 
         torch_version = torch.__version__
@@ -110,11 +117,6 @@ def header(args) -> dict:
 
 
 def select(args):
-    import numpy as np
-
-    from . import methods as M
-    from .cases import suite
-
     dtype = np.float64 if args.dtype == "float64" else np.float32
     cases = suite(args.suite, dtype, args.device)
     if not M.equinox_available():  # main prints a note saying so
@@ -138,11 +140,6 @@ def select(args):
 
 def worker(args) -> None:
     """Runs one (case, method) in this fresh process and prints its peak memory as JSON."""
-    import numpy as np
-
-    from . import methods as M
-    from .cases import suite
-
     # Build only what this method needs: importing torch for a JAX method would count its memory.
     dtype = np.float64 if args.dtype == "float64" else np.float32
     case = next(c for c in suite(args.suite, dtype, args.device) if c.name == args.worker[0])
@@ -174,8 +171,6 @@ def worker(args) -> None:
 
 
 def measure_memory(args, case, records) -> None:
-    import subprocess
-
     def run(method):
         cmd = [sys.executable, "-m", "bench", "--suite", args.suite, "--device", args.device,
                "--dtype", args.dtype, "--worker", case.name, method]
@@ -198,13 +193,9 @@ def main(argv=None) -> int:
         worker(args)
         return 0
     if args.suite.startswith("curvature"):
-        from . import curvature
-
         if args.memory or args.repeat > 1:
             sys.exit("--memory and --repeat apply to the H·v suites, not to --suite curvature")
         return curvature.main(args, header(args))
-    from . import harness, report
-
     cases, methods = select(args)
     budget = {"quick": harness.QUICK, "full": harness.FULL, "tiny": harness.TINY,
               "batch": harness.FULL}[args.suite]
@@ -216,9 +207,7 @@ def main(argv=None) -> int:
     if head["torch"] == "not installed":
         print("note: torch is not installed, so the torch methods are left out "
               "(pip install torch to compare against torch.autograd.functional)", flush=True)
-    from .methods import equinox_available
-
-    if not equinox_available():
+    if not M.equinox_available():
         print("note: equinox is not installed, so the eqx-mlp cases and the eqx methods are left "
               "out (pip install equinox to time an Equinox model passed to jhvp as a module)",
               flush=True)
@@ -239,7 +228,7 @@ def main(argv=None) -> int:
     units *= args.repeat
     for repeat in range(args.repeat):
         for case in cases:
-            recs = harness.run_case(case, methods, args.device, args.dtype, budget, progress)
+            recs = hvp.run_case(case, methods, args.device, args.dtype, budget, progress)
             if args.memory:
                 measure_memory(args, case, recs)
             for r in recs:
@@ -251,7 +240,7 @@ def main(argv=None) -> int:
                 report.write_repeats(args.out, head, records)
             ref = next((r for r in recs if r["method"] == "reference"), None)
             print(f"{case.name}: " + ", ".join(
-                f"{r['method']} {report.fmt_s(r['median_s'])}"
+                f"{r['method']} {F.fmt_s(r['median_s'])}"
                 + (f" ({r['ratio_vs_reference']:.2f}x)" if ref else "") for r in recs), flush=True)
     head["wall_s"] = round(time.perf_counter() - start, 1)
     if args.repeat > 1:
@@ -259,7 +248,7 @@ def main(argv=None) -> int:
         print(f"\nwrote {args.out}/results.json, repeats.md in {head['wall_s']} s")
         return 0
     notes = report.write_all(args.out, head, records)
-    print("\n" + report.bars_table(records))
+    print("\n" + F.bars_table(report.bars(records)))
     for n in notes:
         print("note:", n)
     print(f"\nwrote {args.out}/results.json, results.md, results.png in {head['wall_s']} s")

@@ -3,11 +3,12 @@
 Each (case, task) is answered by jhvp's `curvature` functions, by the hand-written loops users
 write today (a jitted step, a Python loop), by `scipy.sparse.linalg.eigsh` on `jhvp.to_scipy(op)`,
 by matfree on the same operator's flat matvec, and, on the cross-entropy MLP, by PyHessian on a
-torch twin with the same weights. Per method: the warm time to answer (median over the rounds;
-methods interleaved within a round), its set-up (operator, scipy wrapper, PyHessian's graph)
-timed apart, the first call (compile) apart, the matvecs used, and the error against a reference
-named in each record (dense `numpy.linalg.eigh` of `op.as_matrix()` where small; else a float64
-host Lanczos with full reorthogonalisation, or the exact diagonal, or a long Hutchinson).
+torch twin with the same weights. Per method, timed by the shared harness (`bench.harness`): the
+warm time to answer (median over the rounds; methods interleaved within a round), its set-up
+(operator, scipy wrapper, PyHessian's graph) timed apart, the first call (compile) apart, the
+matvecs used, and the error against a reference named in each record (dense `numpy.linalg.eigh`
+of `op.as_matrix()` where small; else a float64 host Lanczos with full reorthogonalisation, or
+the exact diagonal, or a long Hutchinson).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import numpy as np
 
 from . import cases as C
 from . import curvature_methods as CM
+from . import curvature_report as R
+from . import formatting as F
+from . import harness
 
 ROUNDS = {"curvature": 3, "curvature-tiny": 1}
 
@@ -150,59 +154,42 @@ def _score(task, answer, ref: Reference) -> dict:
 
 
 def run_task(case, task, dtype, rounds, ref, methods=None, progress=print) -> list[dict]:
-    import jax
+    """Times each method's answer to the task with the shared harness, set-up apart; scores it."""
     import jax.numpy as jnp
 
-    built = {}
-    for name in CM.METHODS[task]:
-        if methods and name not in methods:
-            continue
+    def build(name):
         pair = CM.build(task, name, case, dtype)
-        if pair is not None:
-            built[name] = pair
-    recs, answers = {}, {}
-    for name, (setup, solve) in built.items():
-        t0 = time.perf_counter()
-        answers[name] = solve(setup())
-        recs[name] = {"compile_s": time.perf_counter() - t0, "setup": [], "solve": []}
-    # Interleaved rounds, torch last; an untimed operator application first settles the pools.
-    order = sorted(built, key=lambda n: n in CM.TORCH_ONLY)
+        return pair and harness.Method(pair[1], setup=pair[0],
+                                       framework="torch" if name in CM.TORCH_ONLY else "jax")
+
+    # Each framework's block opens with a cheap untimed call, not with a method's whole answer.
     settle_op, unravel = CM._jax_state(case)
     settle_v = unravel(jnp.ones(settle_op.shape[0], settle_op.value.dtype))
-    for r in range(rounds):
-        progress(f"  {case.name:<16} {task:<8} round {r + 1}/{rounds}")
-        jax.block_until_ready(settle_op(settle_v))
-        for name in order:
-            setup, solve = built[name]
-            t0 = time.perf_counter()
-            state = setup()
-            t1 = time.perf_counter()
-            answers[name] = solve(state)
-            t2 = time.perf_counter()
-            recs[name]["setup"].append(t1 - t0)
-            recs[name]["solve"].append(t2 - t1)
-    out = []
-    for name, rec in recs.items():
-        solve_s, setup_s = np.asarray(rec["solve"]), np.asarray(rec["setup"])
-        total = solve_s + setup_s
-        out.append({
-            "case": case.name, "family": case.family, "task": task, "method": name,
-            "framework": "torch" if name in CM.TORCH_ONLY else "jax", "n_params": case.n_params,
-            "dtype": dtype, "device": "cpu",
-            "median_s": float(np.median(solve_s)), "setup_s": float(np.median(setup_s)),
-            "total_s": float(np.median(total)),
-            "spread_s": float(np.percentile(total, 75) - np.percentile(total, 25)),
-            "n_samples": int(total.size), "compile_s": rec["compile_s"],
-            "num_matvecs": answers[name]["num_matvecs"],
-            **_score(task, answers[name], ref),
-        })
-    return out
+
+    def report_round(_, stage):
+        if stage.startswith("round"):
+            progress(f"  {case.name:<16} {task:<8} {stage}")
+
+    names = [n for n in CM.METHODS[task] if not methods or n in methods]
+    timings = harness.measure(names, build, "cpu", harness.one_call(rounds),
+                              settle={"jax": lambda: settle_op(settle_v), "torch": _torch_settle},
+                              progress=report_round)
+    return [{"case": case.name, "family": case.family, "task": task, "method": name,
+             "framework": "torch" if name in CM.TORCH_ONLY else "jax",
+             "n_params": case.n_params, "dtype": dtype, "device": "cpu",
+             **t.summary(),  # median_s (solve), setup_s, total_s, spread_s (IQR of the total)...
+             "num_matvecs": t.output["num_matvecs"], **_score(task, t.output, ref)}
+            for name, t in timings.items()]
+
+
+def _torch_settle():
+    """Opens the torch block: a small product, milliseconds where PyHessian's answer takes seconds."""
+    import torch
+
+    return torch.ones(256, 256) @ torch.ones(256, 256)
 
 
 def main(args, header: dict) -> int:
-    from . import curvature_report as R
-    from . import report
-
     dtype = np.float64 if args.dtype == "float64" else np.float32
     pairs = suite(args.suite, dtype)
     if args.cases:
@@ -230,11 +217,11 @@ def main(args, header: dict) -> int:
             records += recs
             R.write_all(args.out, header, records, plot=False)
             print(f"{case.name} {task}: " + ", ".join(
-                f"{r['method']} {report.fmt_s(r['total_s'])} (err {report.fmt(r['error'], '.1e')}, "
+                f"{r['method']} {F.fmt_s(r['total_s'])} (err {F.fmt(r['error'], '.1e')}, "
                 f"{r['num_matvecs']} mv)" for r in recs), flush=True)
     header["wall_s"] = round(time.perf_counter() - start, 1)
     for n in R.write_all(args.out, header, records):
         print("note:", n)
-    print("\n" + report.bars_table(records))
+    print("\n" + F.bars_table(R.bars(records)))
     print(f"\nwrote {args.out}/results.json, results.md, results.png in {header['wall_s']} s")
     return 0

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
-from . import report
+from . import formatting as F
 
 TASKS = {"eig5": "top-5 eigenvalues", "eig1": "top eigenvalue", "trace": "trace",
          "density": "spectral density"}
@@ -65,42 +63,31 @@ def tables(records) -> str:
                 elif isinstance(ans, float):
                     ans = f"{ans:.6g}" + (f" ± {r['stderr']:.2g}" if r.get("stderr") else "")
                 lines.append(
-                    f"| {r['method']} | {report.fmt_s(r['total_s'])} | {report.fmt_s(r['setup_s'])} "
-                    f"| {report.fmt_s(r['median_s'])} | {report.fmt_s(r['spread_s'])} | "
-                    f"{report.fmt_s(r['compile_s'])} | {r['num_matvecs']} | "
-                    f"{report.fmt(r['error'], '.1e')} | {ans or '-'} |")
+                    f"| {r['method']} | {F.fmt_s(r['total_s'])} | {F.fmt_s(r['setup_s'])} "
+                    f"| {F.fmt_s(r['median_s'])} | {F.fmt_s(r['spread_s'])} | "
+                    f"{F.fmt_s(r['compile_s'])} | {r['num_matvecs']} | "
+                    f"{F.fmt(r['error'], '.1e')} | {ans or '-'} |")
             refs = dict.fromkeys(r["reference"] for r in rows if r.get("error") is not None)
             lines += [""] + [f"Reference: {h}." for h in refs] + [""]
     return "\n".join(lines)
 
 
-def write_markdown(path, header, records) -> None:
-    notes = header.get("notes", [])
-    head = "\n".join(f"- {k}: {v}" for k, v in header.items() if k != "notes")
-    text = (f"# jhvp curvature benchmark\n\n{head}\n\n"
-            + "".join(f"Note: {n}.\n\n" for n in notes)
-            + f"## The bars\n\n{report.bars_table(records)}\n\n## All measurements\n\n"
+def markdown(header, records) -> str:
+    return (f"# jhvp curvature benchmark\n\n{F.header_list(header, skip=('notes',))}\n\n"
+            + "".join(f"Note: {n}.\n\n" for n in header.get("notes", []))
+            + f"## The bars\n\n{F.bars_table(bars(records))}\n\n## All measurements\n\n"
             "Time to answer = set-up (operator build, scipy wrapper, PyHessian's create-graph "
             "backward) + solve, medians over interleaved rounds; compile = the first call. "
             "Errors: eigenvalues max|λ̂−λ|/max|λ| over the k wanted; trace |t̂−t|/|t|; density "
             "the Wasserstein-1 distance to the exact spectrum over its range.\n\n"
             f"{tables(records)}")
-    with open(path, "w") as fh:
-        fh.write(text)
 
 
-def plot_results(path, header, records) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed (pip install -e '.[bench]'): no plot"
+def figure(plt, header, records):
+    """Time to answer per case, a bar per method, one panel per task."""
     tasks = [t for t in TASKS if any(r["task"] == t for r in records)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.5), squeeze=False)
-    methods = list(dict.fromkeys(r["method"] for r in records))
-    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+    colors = F.colors(plt, (r["method"] for r in records))
     for ax, task in zip(axes.flat, tasks, strict=True):
         recs = [r for r in records if r["task"] == task]
         cases = list(dict.fromkeys(r["case"] for r in recs))
@@ -119,15 +106,8 @@ def plot_results(path, header, records) -> str | None:
         ax.legend(fontsize=7)
     fig.suptitle(f"curvature on {header.get('device_kind', header.get('device'))}, "
                  f"{header.get('dtype')}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
+    return fig
 
 
 def write_all(out_dir, header, records, plot: bool = True) -> list[str]:
-    os.makedirs(out_dir, exist_ok=True)
-    report.write_json(os.path.join(out_dir, "results.json"), header, records)
-    write_markdown(os.path.join(out_dir, "results.md"), header, records)
-    note = plot_results(os.path.join(out_dir, "results.png"), header, records) if plot else None
-    return [note] if note else []
+    return F.write_all(out_dir, header, records, markdown, figure if plot else None)

@@ -3,33 +3,33 @@
 The ~85k MLP's H·v is mostly three shapes of matrix product (the forward `h @ W`, the backward
 `d @ Wᵀ` and the weight gradient `hᵀ @ d`, batch 128, width 256). This times each alone, jitted in
 JAX and eager in torch, in fresh processes pinned to one core and to every core, so it shows
-how much of the machine each framework's matrix products use. Medians of 400 synchronised calls;
-the speed-up columns are each framework's time on one core over its time on all.
+how much of the machine each framework's matrix products use. Medians of 400 synchronised calls
+of each, timed by the shared harness (`bench.harness`: JAX and torch in interleaved rounds); the
+speed-up columns are each framework's time on one core over its time on all.
 `--json PATH` also writes the times (µs) and speed-ups there.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
 import sys
-import time
+
+from . import harness
 
 SHAPES = {"h @ W (forward)": "hw", "d @ W.T (backward, input)": "dwt", "h.T @ d (backward, weight)": "htd"}
+# 4 rounds of 100 calls of each framework's product (fewer only for a call over 2.5 ms).
+BUDGET = harness.Budget(rounds=4, seconds_per_method=1.0, max_calls_per_round=100)
 
 
-def _median_us(fn, n=400) -> float:
-    import numpy as np
-
-    fn()
-    samples = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return float(np.median(samples) * 1e6)
+def _median_us(jax_call, torch_call) -> tuple[float, float]:
+    calls = {"jax": jax_call, "torch": torch_call}
+    timings = harness.measure(list(calls), lambda fw: harness.Method(calls[fw], framework=fw),
+                              "cpu", BUDGET)
+    return tuple(timings[fw].summary()["median_s"] * 1e6 for fw in calls)
 
 
 def worker() -> None:
@@ -49,8 +49,8 @@ def worker() -> None:
     out = {}
     for key in jax_fns:
         ja, ta = args[key]
-        out[key] = (_median_us(lambda: jax.block_until_ready(jax_fns[key](*ja))),  # noqa: B023
-                    _median_us(lambda: torch_fns[key](*ta)))  # noqa: B023
+        out[key] = _median_us(functools.partial(jax_fns[key], *ja),
+                              functools.partial(torch_fns[key], *ta))
     print(json.dumps(out))
 
 

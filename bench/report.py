@@ -10,24 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
+import sys
 
-
-def fmt_s(s) -> str:
-    if s is None:
-        return "-"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
-        if s >= scale:
-            return f"{s / scale:.3g} {unit}"
-    return f"{s / 1e-9:.3g} ns"
-
-
-def fmt(x, spec=".3g") -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def write_json(path: str, header: dict, records: list[dict]) -> None:
-    with open(path, "w") as fh:
-        json.dump({"header": header, "records": records}, fh, indent=1)
+from . import curvature_report  # one way: it needs only `formatting`, never this module
+from . import formatting as F
 
 
 def case_tables(records: list[dict]) -> str:
@@ -41,9 +28,9 @@ def case_tables(records: list[dict]) -> str:
             err = r["rel_err"] if r["rel_err_exact"] is None else max(r["rel_err"] or 0, r["rel_err_exact"])
             ok = "" if r["ok"] is None else ("✓" if r["ok"] else "✗ over tolerance")
             peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f} MiB"
-            lines.append(f"| {r['method']} | {fmt_s(r['median_s'])} | {fmt_s(r['spread_s'])} | "
-                         f"{fmt_s(r['compile_s'])} | {fmt(r['ratio_vs_reference'], '.3f')} | "
-                         f"{fmt(r['ratio_vs_grad'], '.2f')} | {fmt(err, '.1e')} | {ok} | {peak} |")
+            lines.append(f"| {r['method']} | {F.fmt_s(r['median_s'])} | {F.fmt_s(r['spread_s'])} | "
+                         f"{F.fmt_s(r['compile_s'])} | {F.fmt(r['ratio_vs_reference'], '.3f')} | "
+                         f"{F.fmt(r['ratio_vs_grad'], '.2f')} | {F.fmt(err, '.1e')} | {ok} | {peak} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -114,8 +101,6 @@ def bars(records: list[dict]) -> list[tuple[str, float | None, str, bool | None]
     if f and grad:
         v = f["median_s"] / grad["median_s"]
         add("FisherOperator apply / gradient (jax_grad), mlp-85k", v, "<= 1.3", v <= 1.3)
-    from . import curvature_report
-
     out += curvature_report.bars(records)
     bad = [r for r in records if r.get("ok") is False]
     for r in bad:
@@ -123,17 +108,8 @@ def bars(records: list[dict]) -> list[tuple[str, float | None, str, bool | None]
     return out
 
 
-def bars_table(records) -> str:
-    lines = ["| figure | measured | bar | met |", "|---|---|---|---|"]
-    for what, value, bar, met in bars(records):
-        lines.append(f"| {what} | {fmt(value, '.3f')} | {bar} | {'yes' if met else 'NO'} |")
-    return "\n".join(lines)
-
-
 def repeats_table(records: list[dict]) -> str:
     """Each bar's figure in every repeat of a `--repeat` run, with their median and range."""
-    import statistics
-
     by_repeat = {}
     for r in records:
         by_repeat.setdefault(r.get("repeat", 0), []).append(r)
@@ -160,7 +136,7 @@ def repeats_table(records: list[dict]) -> str:
         op, limit = (bar.split() + ["-"])[:2]
         meets = sum((v >= float(limit)) if op == ">=" else (v <= float(limit)) for v in got) \
             if limit.replace(".", "", 1).isdigit() else None
-        lines.append(f"| {what} | {bar} | " + " | ".join(fmt(v, ".2f") for v in values)
+        lines.append(f"| {what} | {bar} | " + " | ".join(F.fmt(v, ".2f") for v in values)
                      + f" | {statistics.median(got):.2f} | {min(got):.2f} | {max(got):.2f} | "
                      + ("-" if meets is None else f"{meets} of {len(got)}") + " |")
     return "\n".join(lines)
@@ -169,9 +145,9 @@ def repeats_table(records: list[dict]) -> str:
 def write_repeats(out_dir: str, header: dict, records: list[dict]) -> str:
     """Writes results.json (every record, tagged with its repeat) and repeats.md."""
     os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "results.json"), header, records)
+    F.write_json(os.path.join(out_dir, "results.json"), header, records)
     table = repeats_table(records)
-    head = "\n".join(f"- {k}: {v}" for k, v in header.items())
+    head = F.header_list(header)
     with open(os.path.join(out_dir, "repeats.md"), "w") as fh:
         fh.write(f"# jhvp benchmark, repeated\n\n{head}\n\nThe same measurement made "
                  f"{1 + max(r.get('repeat', 0) for r in records)} times in a row, each with "
@@ -180,32 +156,23 @@ def write_repeats(out_dir: str, header: dict, records: list[dict]) -> str:
     return table
 
 
-def write_markdown(path: str, header: dict, records: list[dict]) -> None:
-    head = "\n".join(f"- {k}: {v}" for k, v in header.items())
-    text = (f"# jhvp benchmark\n\n{head}\n\n## The bars\n\n{bars_table(records)}\n\n"
+def markdown(header: dict, records: list[dict]) -> str:
+    return (f"# jhvp benchmark\n\n{F.header_list(header)}\n\n## The bars\n\n"
+            f"{F.bars_table(bars(records))}\n\n"
             f"## All measurements\n\nMedians of synchronised calls after warm-up; compile = first "
             f"call (tracing, compilation, set-up); ratios against the hand-written "
             f"`jax.jit(jax.jvp(jax.grad(f)))` reference and against the framework's own gradient.\n\n"
             f"{case_tables(records)}")
-    with open(path, "w") as fh:
-        fh.write(text)
 
 
-def plot_results(path: str, header: dict, records: list[dict]) -> str | None:
+def figure(plt, header: dict, records: list[dict]):
     """Time vs problem size, log-log, a line per method, one panel per problem family."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed (pip install -e '.[bench]'): no plot"
     families = [f for f in dict.fromkeys(r["family"] for r in records)]
     cols = min(len(families), 2)
     rows = math.ceil(len(families) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
     all_methods = list(dict.fromkeys(r["method"] for r in records))
-    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(all_methods)}
+    colors = F.colors(plt, all_methods)
     markers = dict(zip(all_methods, "os^vD<>phX*dP8", strict=False))
     for ax, fam in zip(axes.flat, families, strict=False):
         recs = [r for r in records if r["family"] == fam]
@@ -224,22 +191,14 @@ def plot_results(path: str, header: dict, records: list[dict]) -> str | None:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"H·v on {header.get('device_kind', header.get('device'))}, {header.get('dtype')}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
+    return fig
 
 
 def write_all(out_dir: str, header: dict, records: list[dict], plot: bool = True) -> list[str]:
-    from . import curvature_report
-
+    """Writes results.json, results.md and results.png for either suite; returns notes."""
     if curvature_report.is_curvature(records):
         return curvature_report.write_all(out_dir, header, records, plot)
-    os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "results.json"), header, records)
-    write_markdown(os.path.join(out_dir, "results.md"), header, records)
-    note = plot_results(os.path.join(out_dir, "results.png"), header, records) if plot else None
-    return [note] if note else []
+    return F.write_all(out_dir, header, records, markdown, figure if plot else None)
 
 
 def main(argv: list[str]) -> int:
@@ -257,11 +216,9 @@ def main(argv: list[str]) -> int:
         records += [r for r in run["records"] if _get(records, r["case"], r["method"]) is None]
     for n in write_all(argv[0], header, records):
         print("note:", n)
-    print(bars_table(records))
+    print(F.bars_table(bars(records)))
     return 0
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main(sys.argv[1:]))
