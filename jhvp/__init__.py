@@ -18,11 +18,11 @@ import importlib.metadata as _metadata
 from . import curvature as curvature
 from ._ggn import empirical_fisher_operator as empirical_fisher_operator
 from ._ggn import ggn_operator as ggn_operator
+from ._hessian import HessianOperator as HessianOperator
+from ._hessian import hessian_operator as hessian_operator
 from ._hvp import hvp as hvp
 from ._hvp import value_grad_hvp as value_grad_hvp
 from ._hvp import vhp as vhp
-from ._operator import HessianOperator as HessianOperator
-from ._operator import hessian_operator as hessian_operator
 from .interop import scipy_objective as scipy_objective
 from .interop import to_lineax as to_lineax
 from .interop import to_scipy as to_scipy

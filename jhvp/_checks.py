@@ -1,5 +1,8 @@
 """Boundary validation for the native API, and every error message it raises.
 
+Every check takes `api`, the caller's full public name ("jhvp.hvp", "jhvp.to_scipy"), and
+starts its message with it.
+
 Checks that need only Python objects (`primals` is a sequence, `argnums`, `mode`) run before
 anything is traced. Checks that need shapes and dtypes (tangent structure, integer primals, a
 scalar output) run while the cached jitted function is traced: the jit cache is keyed on exactly
@@ -16,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._typing import MODES
+from ._typing import MODES as MODES
+from ._typing import STRATEGIES as STRATEGIES
 
 
 def check_primals(primals: Any, api: str) -> tuple:
@@ -26,28 +30,28 @@ def check_primals(primals: Any, api: str) -> tuple:
     if isinstance(primals, list):
         return tuple(primals)
     raise TypeError(
-        f"jhvp.{api}: `primals` must be a tuple (or list) of f's positional arguments, "
+        f"{api}: `primals` must be a tuple (or list) of f's positional arguments, "
         f"got {type(primals).__name__}. For a function of one argument x, pass `primals=(x,)`."
     )
 
 
-def check_choice(value: Any, valid: tuple[str, ...], name: str, api: str) -> str:
-    """Raises ValueError unless `value` is one of `valid`, listing them."""
+def check_choice(value: Any, valid: tuple[str, ...], name: str, api: str, *,
+                 plural: str = "values") -> str:
+    """Raises ValueError unless `value` is one of `valid`, listing them; returns it.
+
+    The one "unknown choice" message of jhvp, native and curvature alike: `name` as the message
+    shows it ("mode", "`which`"), `plural` what the valid ones are called ("modes", "values").
+    """
     if not isinstance(value, str) or value not in valid:
         listed = ", ".join(repr(m) for m in valid)
-        raise ValueError(f"jhvp.{api}: unknown {name} {value!r}; valid {name}s are {listed}.")
+        raise ValueError(f"{api}: unknown {name} {value!r}; valid {plural} are {listed}.")
     return value
-
-
-def check_mode(mode: Any, api: str) -> str:
-    """Raises ValueError unless `mode` names one of the AD routes."""
-    return check_choice(mode, MODES, "mode", api)
 
 
 def check_has_aux(has_aux: Any, api: str) -> bool:
     """Raises TypeError unless `has_aux` is a bool."""
     if not isinstance(has_aux, bool | np.bool_):
-        raise TypeError(f"jhvp.{api}: `has_aux` must be a bool, got {type(has_aux).__name__}.")
+        raise TypeError(f"{api}: `has_aux` must be a bool, got {type(has_aux).__name__}.")
     return bool(has_aux)
 
 
@@ -56,34 +60,34 @@ def check_argnums(argnums: Any, n_primals: int, api: str) -> tuple[int, ...]:
     single = not isinstance(argnums, tuple | list)
     items = (argnums,) if single else tuple(argnums)
     if not items:
-        raise ValueError(f"jhvp.{api}: `argnums` must name at least one argument, got {argnums!r}.")
+        raise ValueError(f"{api}: `argnums` must name at least one argument, got {argnums!r}.")
     normalised = []
     for a in items:
         if isinstance(a, bool | np.bool_):
             raise TypeError(
-                f"jhvp.{api}: `argnums` must be an int or a tuple of ints, got {argnums!r}."
+                f"{api}: `argnums` must be an int or a tuple of ints, got {argnums!r}."
             )
         try:
             a = operator.index(a)
         except TypeError:
             raise TypeError(
-                f"jhvp.{api}: `argnums` must be an int or a tuple of ints, got {argnums!r}."
+                f"{api}: `argnums` must be an int or a tuple of ints, got {argnums!r}."
             ) from None
         if not -n_primals <= a < n_primals:
             raise ValueError(
-                f"jhvp.{api}: argnums={argnums!r} is out of range for f called with "
+                f"{api}: argnums={argnums!r} is out of range for f called with "
                 f"{n_primals} positional argument(s) (valid indices: 0..{n_primals - 1})."
             )
         normalised.append(a % n_primals)
     if len(set(normalised)) != len(normalised):
-        raise ValueError(f"jhvp.{api}: `argnums` must not repeat an argument, got {argnums!r}.")
+        raise ValueError(f"{api}: `argnums` must not repeat an argument, got {argnums!r}.")
     return tuple(normalised)
 
 
-def check_callable(f: Any, api: str) -> None:
+def check_callable(f: Any, api: str, *, name: str = "f") -> None:
     """Raises TypeError unless f is callable."""
     if not callable(f):
-        raise TypeError(f"jhvp.{api}: `f` must be callable, got {type(f).__name__}.")
+        raise TypeError(f"{api}: `{name}` must be callable, got {type(f).__name__}.")
 
 
 def check_differentiable_leaf(leaf: Any, where: str, api: str) -> None:
@@ -91,14 +95,14 @@ def check_differentiable_leaf(leaf: Any, where: str, api: str) -> None:
     dtype = jnp.result_type(leaf)
     if jnp.issubdtype(dtype, jnp.complexfloating):
         raise TypeError(
-            f"jhvp.{api}: {where} is complex ({dtype}); the Hessian of a real loss in complex "
+            f"{api}: {where} is complex ({dtype}); the Hessian of a real loss in complex "
             "variables is not complex-linear, so H·v would be silently wrong (conjugated). Split "
             "it into real and imaginary parts (two real arrays, or `jnp.stack([z.real, z.imag])`) "
             "and rebuild the complex value inside f."
         )
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
-            f"jhvp.{api}: differentiated primals must have floating-point leaves, but "
+            f"{api}: differentiated primals must have floating-point leaves, but "
             f"{where} has dtype {dtype}. Cast it (e.g. `x.astype(jnp.float32)`), or hold it "
             "fixed: pass it in an argument left out of `argnums`, as a Python int, or as a "
             "static field (`eqx.field(static=True)` in an Equinox module)."
@@ -120,7 +124,7 @@ def check_tangents(primals: Any, tangents: Any, name: str, api: str) -> None:
         for (pp, pl), (tp, tl) in zip(p_leaves, t_leaves, strict=False):
             if pp != tp:
                 raise ValueError(
-                    f"jhvp.{api}: `{name}` must have the tree structure of the differentiated "
+                    f"{api}: `{name}` must have the tree structure of the differentiated "
                     f"primals (the gradient's structure). The first mismatching leaf: expected "
                     f"{name}{jax.tree_util.keystr(pp)} with {_describe(pl)}, got "
                     f"{name}{jax.tree_util.keystr(tp)} with {_describe(tl)}.\n"
@@ -135,21 +139,21 @@ def check_tangents(primals: Any, tangents: Any, name: str, api: str) -> None:
         else:
             detail = "the leaves match but the containers differ (e.g. a list for a tuple)"
         raise ValueError(
-            f"jhvp.{api}: `{name}` must have the tree structure of the differentiated primals "
+            f"{api}: `{name}` must have the tree structure of the differentiated primals "
             f"(the gradient's structure): {detail}.\n"
             f"Expected structure: {p_tree}\nGot structure:      {t_tree}"
         )
     for (path, pl), (_, tl) in zip(p_leaves, t_leaves, strict=True):
         if np.shape(pl) != np.shape(tl):
             raise ValueError(
-                f"jhvp.{api}: `{name}` leaf {name}{jax.tree_util.keystr(path)} has "
+                f"{api}: `{name}` leaf {name}{jax.tree_util.keystr(path)} has "
                 f"{_describe(tl)}, but the primal it pairs with has {_describe(pl)}."
             )
         if jnp.issubdtype(jnp.result_type(tl), jnp.complexfloating) and not jnp.issubdtype(
             jnp.result_type(pl), jnp.complexfloating
         ):
             raise TypeError(
-                f"jhvp.{api}: `{name}` leaf {name}{jax.tree_util.keystr(path)} is complex "
+                f"{api}: `{name}` leaf {name}{jax.tree_util.keystr(path)} is complex "
                 f"({jnp.result_type(tl)}) but its primal is real ({jnp.result_type(pl)})."
             )
 
@@ -159,7 +163,7 @@ def check_scalar_output(out: Any, has_aux: bool, api: str) -> Any:
     if has_aux:
         if not (isinstance(out, tuple | list) and len(out) == 2):
             raise TypeError(
-                f"jhvp.{api}: with has_aux=True, f must return a pair (scalar, aux), "
+                f"{api}: with has_aux=True, f must return a pair (scalar, aux), "
                 f"got {type(out).__name__}"
                 + (f" of length {len(out)}" if isinstance(out, tuple | list) else "")
                 + "."
@@ -167,24 +171,24 @@ def check_scalar_output(out: Any, has_aux: bool, api: str) -> Any:
         out = out[0]
     elif isinstance(out, tuple | list):
         raise TypeError(
-            f"jhvp.{api}: f must return a real scalar, got a {type(out).__name__} of length "
+            f"{api}: f must return a real scalar, got a {type(out).__name__} of length "
             f"{len(out)}. If f returns (loss, aux), pass has_aux=True."
         )
     if not hasattr(out, "shape") and not isinstance(out, int | float | np.number):
         raise TypeError(
-            f"jhvp.{api}: f must return a real scalar, got {type(out).__name__}."
+            f"{api}: f must return a real scalar, got {type(out).__name__}."
             + ("" if has_aux else " If f returns (loss, aux), pass has_aux=True.")
         )
     shape, dtype = np.shape(out), jnp.result_type(out)
     if shape != ():
         raise TypeError(
-            f"jhvp.{api}: f must return a real scalar, but it returned an array of shape {shape}. "
+            f"{api}: f must return a real scalar, but it returned an array of shape {shape}. "
             "Reduce it to a scalar (e.g. `.sum()` or `.mean()`)"
             + (", or pass has_aux=True if f returns (loss, aux)." if not has_aux else ".")
         )
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
-            f"jhvp.{api}: f must return a real floating-point scalar, got dtype {dtype}. "
+            f"{api}: f must return a real floating-point scalar, got dtype {dtype}. "
             "Integer outputs have no derivative; complex ones need a real loss (e.g. `abs(z)**2`)."
         )
     return out
@@ -199,14 +203,14 @@ def explain_ad_failure(err: Exception, mode: str, api: str) -> Exception | None:
     text = str(err)
     if _WHILE_LOOP_MARK in text:
         return ValueError(
-            f"jhvp.{api}: f contains a `lax.while_loop` (or a `fori_loop` with traced bounds), "
+            f"{api}: f contains a `lax.while_loop` (or a `fori_loop` with traced bounds), "
             "which JAX cannot differentiate in reverse mode, and every Hessian-vector route needs "
             "a reverse pass. Use `lax.scan`, or `lax.fori_loop` with Python-int bounds, so the "
             "trip count is known when tracing."
         )
     if mode == "rev_fwd" and any(m in text for m in _CUSTOM_VJP_MARKS):
         return TypeError(
-            f"jhvp.{api}: mode='rev_fwd' applies forward mode to f first, which JAX cannot do "
+            f"{api}: mode='rev_fwd' applies forward mode to f first, which JAX cannot do "
             "through a `jax.custom_vjp` function. Use mode='fwd_rev' (the default) or 'rev_rev'."
         )
     return None

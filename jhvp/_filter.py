@@ -1,11 +1,16 @@
-"""Splitting f and the primals into traced arrays and static leaves (the Equinox convention).
+"""THE filter: which leaves of a pytree are traced arrays, and how the rest enters a compile key.
 
-In the differentiated primals, floating-point arrays and Python floats are differentiated and every
-other leaf (callables, None, strings, ints, objects) is static. In the other primals and in a
-pytree-valued f (a `jax.tree_util.Partial`, an Equinox module, a bound method of a pytree), array
-leaves are traced arguments and every other leaf is static. Static leaves enter the compile key
-through `static_key`: by value for plain values, by hash through a weak reference for other
-hashable objects, by identity (weakly) for unhashable ones, so the cache never keeps them alive.
+Every entry point splits what the user passes the same way (the Equinox convention). Array leaves
+(JAX and NumPy arrays, NumPy scalars) are traced; in the differentiated primals Python floats are
+too. Every other leaf (callables, None, strings, ints, objects) is static: it enters the compile
+key through `static_key`, by value for plain values, weakly by hash or identity for objects, so
+no cache of jhvp keeps a user's object alive. A tree structure that holds objects in its node
+data (a `Partial`'s function, an Equinox module's static fields) enters a key through
+`structure_key`, with the same weak references.
+
+`partition` and `combine` split a whole pytree (an operator, a callable) into its arrays and a
+hashable, weakly held static part and put it back together; `roles` is the native API's per-call
+form of the same split, written as a flat loop because it runs on every call.
 """
 
 from __future__ import annotations
@@ -21,24 +26,12 @@ from jax.core import Tracer
 
 ARRAY_TYPES = (jax.Array, np.ndarray, np.generic)
 _VALUE_TYPES = frozenset({int, float, bool, str, bytes, complex, type(None)})
-
-
-class _Role:
-    __slots__ = ("name",)
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-DIFF = _Role("DIFF")  # a differentiated leaf (traced, with a tangent)
-DYNAMIC = _Role("DYNAMIC")  # a traced leaf held fixed (data, f's arrays)
+# Node data made only of these is safe to hold in a key: it owns no user object.
+_PURE_TYPES = (type(None), bool, int, float, str, bytes, type, jax.tree_util.PyTreeDef)
 
 
 def is_array(x: Any) -> bool:
-    """Whether a leaf is traced (JAX and NumPy arrays, NumPy scalars, tracers)."""
+    """Whether a leaf is traced: a JAX or NumPy array, a NumPy scalar, a tracer."""
     return isinstance(x, ARRAY_TYPES)
 
 
@@ -60,8 +53,8 @@ class _WeakId:
         obj = self.ref()
         return obj is not None and obj is other.ref()
 
-    def referents(self) -> tuple:
-        return (self.ref,)
+    def value(self) -> Any:
+        return self.ref()
 
 
 class _MethodKey:
@@ -83,8 +76,9 @@ class _MethodKey:
         obj = self.self_ref()
         return obj is not None and obj is other.self_ref() and self.func is other.func
 
-    def referents(self) -> tuple:
-        return (self.self_ref,)
+    def value(self) -> Any:
+        obj = self.self_ref()
+        return None if obj is None else types.MethodType(self.func, obj)
 
 
 class _StrongId:
@@ -101,6 +95,9 @@ class _StrongId:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _StrongId) and self.obj is other.obj
 
+    def value(self) -> Any:
+        return self.obj
+
 
 def static_key(x: Any) -> Any:
     """Returns the compile-key form of a static leaf (see the module docstring)."""
@@ -112,6 +109,8 @@ def static_key(x: Any) -> Any:
             return _MethodKey(x)
         except TypeError:  # its object cannot be weakly referenced
             return _StrongId(x)
+    if t is tuple or t is list:
+        return (t, tuple(static_key(y) for y in x))
     try:
         ref = weakref.ref(x)
     except TypeError:
@@ -127,17 +126,59 @@ def static_key(x: Any) -> Any:
     return ref
 
 
-def weak_referents(key: tuple) -> list:
+def static_value(key: Any) -> Any:
+    """The leaf a `static_key` stands for (None once a weakly held object has died)."""
+    if isinstance(key, weakref.ref):
+        return key()
+    if isinstance(key, _WeakId | _MethodKey | _StrongId):
+        return key.value()
+    t, x = key
+    if (t is tuple or t is list) and type(x) is tuple:
+        return t(static_value(y) for y in x)
+    return x
+
+
+def weak_referents(key: Any) -> list:
     """The weak references inside a compile key, nested tuples included (their death evicts it)."""
-    refs = []
-    for part in key:
-        if isinstance(part, weakref.ref):
-            refs.append(part)
-        elif isinstance(part, _WeakId | _MethodKey):
-            refs.extend(part.referents())
-        elif type(part) is tuple:
-            refs.extend(weak_referents(part))
-    return refs
+    if isinstance(key, weakref.ref):
+        return [key]
+    if isinstance(key, _WeakId):
+        return [key.ref]
+    if isinstance(key, _MethodKey):
+        return [key.self_ref]
+    if type(key) is tuple:
+        return [ref for part in key for ref in weak_referents(part)]
+    return []
+
+
+def _pure(data: Any) -> bool:
+    if isinstance(data, _PURE_TYPES):
+        return True
+    if type(data) in (tuple, list, frozenset):
+        return all(_pure(x) for x in data)
+    return False
+
+
+def is_pure(treedef: Any) -> bool:
+    """Whether a structure's node data owns no object (dict keys, field names, classes only)."""
+    data = treedef.node_data()
+    if data is None:
+        return True
+    return _pure(data[1]) and all(is_pure(c) for c in treedef.children())
+
+
+def structure_key(treedef: Any) -> Any:
+    """A structure as a compile key: itself when pure, else its node data weakly held."""
+    if is_pure(treedef):
+        return treedef
+    return _weak_structure(treedef)
+
+
+def _weak_structure(treedef: Any) -> Any:
+    data = treedef.node_data()
+    if data is None:
+        return None
+    return (data[0], static_key(data[1]), tuple(_weak_structure(c) for c in treedef.children()))
 
 
 def as_pytree_callable(f: Callable) -> Any:
@@ -149,34 +190,75 @@ def as_pytree_callable(f: Callable) -> Any:
     return f
 
 
-def flatten(f: Callable, primals: tuple, vectors: Any = None) -> tuple[list, Any]:
-    """Flattens (f, primals, vectors) in one pass: (leaves, treedef); vectors' leaves last."""
-    return jax.tree_util.tree_flatten((as_pytree_callable(f), primals, vectors))
+class Static:
+    """A pytree with no leaves that carries static data in its structure (aux, operator metadata).
 
-
-class Plan:
-    """For one (options, treedef): which leaves are f's and which sit in differentiated primals.
-
-    Made once per structure and compared by identity, so a warm call hashes its treedef once.
-    Holds the compiled entries for each assignment of roles (`entries`).
+    Returned from jitted programs for non-array outputs. Compared by value where it can be hashed,
+    by identity otherwise.
     """
 
-    __slots__ = ("treedef", "trees", "bounds", "in_diff", "vectors_tree", "entries", "__weakref__")
+    __slots__ = ("value",)
 
-    def __init__(self, treedef: Any, argnums: tuple[int, ...]):
-        f_tree, primals_tree, self.vectors_tree = treedef.children()
-        self.treedef = treedef
-        self.trees = (f_tree, *primals_tree.children())
-        bounds = [f_tree.num_leaves]
-        for tree in self.trees[1:]:
-            bounds.append(bounds[-1] + tree.num_leaves)
-        self.bounds = tuple(bounds)  # primal i's leaves: bounds[i] .. bounds[i + 1]
-        in_diff = [False] * f_tree.num_leaves
-        for i, tree in enumerate(self.trees[1:]):
-            in_diff += [i in argnums] * tree.num_leaves
-        self.in_diff = tuple(in_diff)
-        self.entries: dict = {}
+    def __init__(self, value: Any):
+        self.value = value
 
+    def __hash__(self) -> int:
+        try:
+            return hash(self.value)
+        except TypeError:
+            return id(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Static):
+            return NotImplemented
+        if self.value is other.value:
+            return True
+        try:
+            hash(self.value), hash(other.value)
+            return type(self.value) is type(other.value) and bool(self.value == other.value)
+        except Exception:  # noqa: BLE001 - an __eq__ that cannot answer means "different"
+            return False
+
+    def __repr__(self) -> str:
+        return f"Static({self.value!r})"
+
+
+jax.tree_util.register_pytree_node(Static, lambda s: ((), s.value), lambda value, _: Static(value))
+
+
+def partition(tree: Any) -> tuple[list, Any, list, tuple]:
+    """Splits a pytree into its arrays and a hashable, weakly held key for everything else.
+
+    Returns (leaves, treedef, arrays, key): `arrays` has the array leaves and None elsewhere;
+    `key` holds the structure (`structure_key`) and the static leaves (`static_key`). A plain
+    function or method is a pytree of one static leaf.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays = [x if is_array(x) else None for x in leaves]
+    static = tuple(None if is_array(x) else static_key(x) for x in leaves)
+    return leaves, treedef, arrays, (structure_key(treedef), static)
+
+
+def combine(dynamic: list, leaves: list, treedef: Any) -> Any:
+    """Rebuilds a pytree from `treedef`, its leaves, and traced arrays where `dynamic` has them."""
+    return treedef.unflatten([x if d is None else d for x, d in zip(leaves, dynamic, strict=True)])
+
+
+# ---- the native API's per-call split ----------------------------------------------------------
+
+
+class _Role:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+DIFF = _Role("DIFF")  # a differentiated leaf (traced, with a tangent)
+DYNAMIC = _Role("DYNAMIC")  # a traced leaf held fixed (data, f's arrays)
 
 # Concrete array types seen so far (JAX's array class joins on first sight: naming it would need a
 # private import, and making an array at import time would start the backend too early for
@@ -210,124 +292,3 @@ def roles(leaves: list, in_diff: tuple) -> tuple[tuple, list]:
         else:
             out.append(static_key(leaf))
     return tuple(out), dynamic
-
-
-class Layout:
-    """Where each kind of leaf sits, for one compile key; built once per cache entry.
-
-    Attributes:
-        plan: The structure's `Plan` (treedefs of f and of each primal, leaf bounds).
-        dynamic_positions: Flat positions of the traced leaves, in call order.
-        diff_positions: Flat positions of the differentiated leaves, in argnums order.
-        diff_trees: Per differentiated primal, its treedef with None at the static leaves
-            (the structure of tangents and results).
-        full_trees: Per differentiated primal, its own treedef (also accepted for tangents).
-    """
-
-    def __init__(self, plan: Plan, roles: tuple, leaves: list, argnums: tuple[int, ...]):
-        self.plan = plan
-        self.n_inputs = len(plan.in_diff)  # leaves of f and the primals; the vectors' follow
-        self.rebuild_tree = jax.tree_util.treedef_tuple(
-            (plan.trees[0], jax.tree_util.treedef_tuple(plan.trees[1:]))
-        )
-        self.argnums = argnums
-        self.dynamic_positions = tuple(
-            i for i, r in enumerate(roles) if r is DIFF or r is DYNAMIC
-        )
-        bounds, trees = (0, *plan.bounds), plan.trees[1:]
-        self.bounds = bounds  # primal i's leaves: bounds[i + 1] .. bounds[i + 2]
-        diff_trees, full_trees, diff_counts, full_diff = [], [], [], []
-        for i in argnums:
-            lo, hi = bounds[i + 1], bounds[i + 2]
-            masked = [leaves[p] if roles[p] is DIFF else None for p in range(lo, hi)]
-            diff_trees.append(jax.tree.structure(jax.tree.unflatten(trees[i], masked)))
-            full_trees.append(trees[i])
-            full_diff.append(tuple(p - lo for p in range(lo, hi) if roles[p] is DIFF))
-            diff_counts.append(len(full_diff[-1]))
-        self.diff_trees = tuple(diff_trees)
-        self.full_trees = tuple(full_trees)
-        self.diff_counts = tuple(diff_counts)
-        self.full_diff_positions = tuple(full_diff)
-        self.diff_positions = tuple(
-            bounds[i + 1] + p for i, ps in zip(argnums, full_diff, strict=True) for p in ps
-        )
-        self.tangent_trees = {
-            True: (diff_trees[0], full_trees[0]) if len(argnums) == 1 else (None, None),
-            False: (
-                jax.tree_util.treedef_tuple(self.diff_trees),
-                jax.tree_util.treedef_tuple(self.full_trees),
-            ),
-        }
-        offsets, start = [], 0
-        for tree in self.full_trees:
-            offsets.append(start)
-            start += tree.num_leaves
-        self.full_selection = tuple(
-            off + p for off, ps in zip(offsets, full_diff, strict=True) for p in ps
-        )
-
-    def vector_selection(self, single: bool) -> tuple[int, ...] | None:
-        """Which of the vectors' leaves pair with the differentiated leaves (None: all of them).
-
-        Returns False when the vectors' structure is neither accepted form.
-        """
-        diff_tree, full_tree = self.tangent_trees[single]
-        tree = self.plan.vectors_tree
-        if tree == diff_tree:
-            return None
-        if tree == full_tree:
-            return self.full_selection
-        return False
-
-    def primal_leaves(self, leaves: list, i: int) -> tuple[int, list]:
-        """Primal i's offset in the flat leaves, and its leaves."""
-        lo, hi = self.bounds[i + 1], self.bounds[i + 2]
-        return lo, leaves[lo:hi]
-
-    def rebuild(self, leaves: list) -> tuple[Callable, tuple]:
-        """Returns (f, primals) from the flat leaves of f and the primals."""
-        return self.rebuild_tree.unflatten(leaves[: self.n_inputs])
-
-    def unflatten_diff(self, flat: list, single: bool) -> Any:
-        """Splits flat differentiated leaves into the per-argnum structure (None at statics)."""
-        out, start = [], 0
-        for tree, count in zip(self.diff_trees, self.diff_counts, strict=True):
-            out.append(tree.unflatten(flat[start : start + count]))
-            start += count
-        return out[0] if single else tuple(out)
-
-
-class Static:
-    """Static data carried in a pytree's structure rather than its leaves (no arrays inside).
-
-    Returned from jitted programs for non-array outputs (aux), and stored in operators. Compared by
-    value where it can be hashed, by identity otherwise.
-    """
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any):
-        self.value = value
-
-    def __hash__(self) -> int:
-        try:
-            return hash(self.value)
-        except TypeError:
-            return id(self.value)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Static):
-            return NotImplemented
-        if self.value is other.value:
-            return True
-        try:
-            hash(self.value), hash(other.value)
-        except TypeError:
-            return False
-        return bool(self.value == other.value)
-
-    def __repr__(self) -> str:
-        return f"Static({self.value!r})"
-
-
-jax.tree_util.register_pytree_node(Static, lambda s: ((), s.value), lambda value, _: Static(value))

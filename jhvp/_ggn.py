@@ -17,8 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _ad, _call, _checks, _filter, _jit
-from ._linear_operator import SymmetricOperator, TangentLayout
+from . import _ad, _cache, _checks, _filter
+from ._protocol import SymmetricOperator, TangentLayout
 from ._typing import PyTree
 
 _FIELDS = dict(data_fields=["value", "grad", "_apply"], meta_fields=["_tangent_layout"])
@@ -86,9 +86,6 @@ class FisherOperator(SymmetricOperator):
     _tangent_layout: TangentLayout
 
 
-# ---- applications (traced inside `apply_jitted`) -----------------------------------------------
-
-
 def _apply_gauss_newton(linear: Callable, curvature: Callable, vecs: list) -> list:
     """Jᵀ C J v: J over the stored residuals, C the output-space curvature, then Jᵀ over them."""
     (out,) = jax.linear_transpose(linear, vecs)(curvature(linear(vecs)))
@@ -99,30 +96,28 @@ def _mean_weight(u: jax.Array) -> jax.Array:
     return u / u.shape[0]
 
 
-# ---- trace time ---------------------------------------------------------------------------------
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["model", "loss", "loss_args"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class _GaussNewtonProblem:
+    """L = loss(model(*primals), *loss_args), with its parts named: what `ggn_operator` caches.
 
-
-def _bundle(model: Callable, loss: Callable, loss_args: tuple, *primals: Any) -> Any:
-    """L = loss(model(*primals), *loss_args): the pytree f that `ggn_operator` flattens.
-
-    So model, loss and loss_args are split by the filter convention (arrays traced, callables
-    static) like any pytree f; the program unpacks them from its `args`.
+    A pytree like any f: the model's and loss_args' arrays are traced, the callables static.
     """
-    return loss(model(*primals), *loss_args)
 
+    model: Callable
+    loss: Callable
+    loss_args: tuple
 
-def _substituted(entry: _jit.Entry, leaves: list, d: list) -> tuple[Callable, tuple]:
-    full = list(leaves)
-    for p, x in zip(entry.layout.diff_positions, d, strict=True):
-        full[p] = x
-    return entry.layout.rebuild(full)
+    def __call__(self, *primals: Any) -> Any:
+        return self.loss(self.model(*primals), *self.loss_args)
 
 
 def _check_outputs(z: PyTree, api: str) -> None:
     for path, leaf in jax.tree_util.tree_flatten_with_path(z)[0]:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
             raise TypeError(
-                f"jhvp.{api}: the model's outputs must be real floating point, but "
+                f"{api}: the model's outputs must be real floating point, but "
                 f"output{jax.tree_util.keystr(path)} has dtype {jnp.result_type(leaf)}. Return "
                 "integer results (labels, counts) outside the model, e.g. in `loss_args`."
             )
@@ -133,12 +128,12 @@ def _check_loss(out: Any, api: str) -> Any:
     if shape != ():
         got = f"an array of shape {shape}" if shape is not None else type(out).__name__
         raise TypeError(
-            f"jhvp.{api}: `loss(model(*primals), *loss_args)` must return a real scalar, got "
+            f"{api}: `loss(model(*primals), *loss_args)` must return a real scalar, got "
             f"{got}. Reduce it to a scalar (e.g. `.mean()` over the batch)."
         )
     if not jnp.issubdtype(jnp.result_type(out), jnp.floating):
         raise TypeError(
-            f"jhvp.{api}: `loss` must return a real floating-point scalar, got dtype "
+            f"{api}: `loss` must return a real floating-point scalar, got dtype "
             f"{jnp.result_type(out)}."
         )
     return out
@@ -151,69 +146,57 @@ def _check_per_example(out: Any, api: str) -> jax.Array:
         got = (f"an array of shape {shape} and dtype {jnp.result_type(out)}"
                if shape is not None else type(out).__name__)
         raise TypeError(
-            f"jhvp.{api}: `per_example_loss` must return a 1-D floating-point vector of N "
+            f"{api}: `per_example_loss` must return a 1-D floating-point vector of N "
             f"per-example losses, got {got}. Flatten a batch of losses with `.reshape(-1)`; "
             "for a scalar loss use `jhvp.hessian_operator` or `jhvp.ggn_operator`."
         )
     if shape[0] == 0:
-        raise ValueError(f"jhvp.{api}: `per_example_loss` returned no losses (N = 0).")
+        raise ValueError(f"{api}: `per_example_loss` returned no losses (N = 0).")
     return out
 
 
-def _ggn_parts(entry: _jit.Entry, leaves: list, diff: list, api: str):
-    f, primals = _substituted(entry, leaves, diff)
-    _, loss, loss_args = f.args
-
+def _ggn_body(t: _cache.Traced) -> GGNOperator:
     def model_of(d: list) -> PyTree:
-        g, p = _substituted(entry, leaves, d)
-        return g.args[0](*p)
+        problem, primals = t.substitute(d)
+        return problem.model(*primals)
+
+    problem, _ = t.substitute(t.diff)
 
     def loss_grad(z: PyTree):
-        value, gz = jax.value_and_grad(lambda z: _check_loss(loss(z, *loss_args), api))(z)
+        value, gz = jax.value_and_grad(
+            lambda z: _check_loss(problem.loss(z, *problem.loss_args), t.api))(z)
         return gz, value
 
-    z, linear = jax.linearize(model_of, diff)
-    _check_outputs(z, api)
-    gz, loss_linear, value = jax.linearize(loss_grad, z, has_aux=True)
-    (grad,) = jax.linear_transpose(linear, diff)(gz)
-    return value, grad, jax.tree_util.Partial(_apply_gauss_newton, linear, loss_linear)
+    def parts():
+        z, linear = jax.linearize(model_of, t.diff)
+        _check_outputs(z, t.api)
+        gz, loss_linear, value = jax.linearize(loss_grad, z, has_aux=True)
+        (grad,) = jax.linear_transpose(linear, t.diff)(gz)
+        return value, grad, jax.tree_util.Partial(_apply_gauss_newton, linear, loss_linear)
+
+    value, grad, apply = _ad.guarded(parts, "fwd_rev", t.api)
+    return GGNOperator(value, t.unflatten(grad), apply, TangentLayout.of(t.layout))
 
 
-def _fisher_parts(entry: _jit.Entry, leaves: list, diff: list, api: str):
+def _fisher_body(t: _cache.Traced) -> FisherOperator:
     def losses(d: list) -> jax.Array:
-        f, p = _substituted(entry, leaves, d)
-        return _check_per_example(f(*p), api)
+        f, primals = t.substitute(d)
+        return _check_per_example(f(*primals), t.api)
 
-    ell, linear = jax.linearize(losses, diff)
-    weights = jnp.full(ell.shape, 1.0 / ell.shape[0], ell.dtype)
-    (grad,) = jax.linear_transpose(linear, diff)(weights)
-    curvature = jax.tree_util.Partial(_mean_weight)
-    return jnp.mean(ell), grad, jax.tree_util.Partial(_apply_gauss_newton, linear, curvature)
+    def parts():
+        ell, linear = jax.linearize(losses, t.diff)
+        weights = jnp.full(ell.shape, 1.0 / ell.shape[0], ell.dtype)
+        (grad,) = jax.linear_transpose(linear, t.diff)(weights)
+        apply = jax.tree_util.Partial(_apply_gauss_newton, linear,
+                                      jax.tree_util.Partial(_mean_weight))
+        return jnp.mean(ell), grad, apply
 
-
-_KINDS = {"ggn_operator": (_ggn_parts, GGNOperator),
-          "empirical_fisher_operator": (_fisher_parts, FisherOperator)}
-
-
-def _build(entry: _jit.Entry, key: _jit.CallKey) -> Callable:
-    api = key.api
-    parts, cls = _KINDS[api]
-    layout = entry.layout
-    tangent_layout = TangentLayout.of(layout, key.single)
-
-    def program(dynamic: list) -> Any:
-        leaves = _call.traced_leaves(entry, dynamic)
-        diff = _call.differentiated(entry, leaves, api)
-        value, grad, apply = _ad.guarded(parts, "fwd_rev", api, entry, leaves, diff, api)
-        return cls(value, layout.unflatten_diff(grad, key.single), apply, tangent_layout)
-
-    program.__name__ = program.__qualname__ = f"jhvp_{api}"
-    return jax.jit(program)
+    value, grad, apply = _ad.guarded(parts, "fwd_rev", t.api)
+    return FisherOperator(value, t.unflatten(grad), apply, TangentLayout.of(t.layout))
 
 
-def _check_callable(fn: Any, name: str, api: str) -> Callable:
-    if not callable(fn):
-        raise TypeError(f"jhvp.{api}: `{name}` must be callable, got {type(fn).__name__}.")
+def _callable(fn: Any, name: str, api: str) -> Callable:
+    _checks.check_callable(fn, api, name=name)
     return _filter.as_pytree_callable(fn)
 
 
@@ -275,17 +258,17 @@ def ggn_operator(
          [0. 4.]]
     """
     api = "ggn_operator"
-    model = _check_callable(model, "model", api)
-    loss = _check_callable(loss, "loss", api)
-    primals = _checks.check_primals(primals, api)
+    model = _callable(model, "model", f"jhvp.{api}")
+    loss = _callable(loss, "loss", f"jhvp.{api}")
+    primals = _checks.check_primals(primals, f"jhvp.{api}")
     if not isinstance(loss_args, tuple | list):
         raise TypeError(
             f"jhvp.{api}: `loss_args` must be a tuple (or list) of loss's extra positional "
             f"arguments, got {type(loss_args).__name__}. For one target y, pass `loss_args=(y,)`."
         )
-    key = _call.options(api, len(primals), argnums, False)
-    f = jax.tree_util.Partial(_bundle, model, loss, tuple(loss_args))
-    return _call.run(key, f, primals, _build)
+    opts = _cache.options(api, len(primals), argnums, False)
+    problem = _GaussNewtonProblem(model, loss, tuple(loss_args))
+    return _cache.run(opts, problem, primals, _ggn_body)
 
 
 def empirical_fisher_operator(
@@ -334,7 +317,7 @@ def empirical_fisher_operator(
         2.5 [1. 4.]
     """
     api = "empirical_fisher_operator"
-    per_example_loss = _check_callable(per_example_loss, "per_example_loss", api)
-    primals = _checks.check_primals(primals, api)
-    key = _call.options(api, len(primals), argnums, False)
-    return _call.run(key, per_example_loss, primals, _build)
+    per_example_loss = _callable(per_example_loss, "per_example_loss", f"jhvp.{api}")
+    primals = _checks.check_primals(primals, f"jhvp.{api}")
+    opts = _cache.options(api, len(primals), argnums, False)
+    return _cache.run(opts, per_example_loss, primals, _fisher_body)

@@ -1,4 +1,4 @@
-"""The public hvp, vhp and value_grad_hvp: validate, split, run the cached program."""
+"""The public hvp, vhp and value_grad_hvp: each picks an AD route and shapes its result."""
 
 from __future__ import annotations
 
@@ -7,37 +7,28 @@ from typing import Any, Literal, overload
 
 import jax
 
-from . import _ad, _call, _checks, _jit
+from . import _ad, _cache, _checks
 from ._typing import Mode, PyTree
 
 
-def _build(entry: _jit.Entry, key: _jit.CallKey) -> Callable:
-    api = key.api
-    name = "cotangents" if api == "vhp" else "tangents"
-
-    def program(dynamic: list, vecs: list):
-        leaves = _call.traced_leaves(entry, dynamic)
-        diff = _call.differentiated(entry, leaves, api)
-        vecs = _call.checked_tangents(entry, diff, vecs, key, name)
-        box: list = []
-        loss = _call.make_loss(entry, leaves, key.has_aux, api, box)
-        layout = entry.layout
-        if api == "value_grad_hvp":
-            value, grad, hv, aux = _ad.guarded(_ad.value_grad_hvp, key.mode, api, loss, diff, vecs)
-            return (value, layout.unflatten_diff(grad, key.single),
-                    layout.unflatten_diff(hv, key.single), _call.aux_output(aux, box, key.has_aux))
-        _, hv, aux = _ad.guarded(_ad.ROUTES[key.mode], key.mode, api, loss, diff, vecs)
-        return layout.unflatten_diff(hv, key.single), _call.aux_output(aux, box, key.has_aux)
-
-    program.__name__ = program.__qualname__ = f"jhvp_{api}_{key.mode}"
-    return jax.jit(program)
+def _product_body(t: _cache.Traced) -> tuple:
+    key = t.key
+    _, hv, aux = _ad.guarded(_ad.ROUTES[key.mode], key.mode, t.api, t.loss, t.diff, t.vecs)
+    return t.unflatten(hv), t.aux(aux)
 
 
-def _product(api: str, f, primals, vectors, argnums, has_aux, mode, name="tangents"):
+def _value_grad_hvp_body(t: _cache.Traced) -> tuple:
+    value, grad, hv, aux = _ad.guarded(_ad.value_grad_hvp, "fwd_rev", t.api, t.loss, t.diff,
+                                       t.vecs)
+    return value, t.unflatten(grad), t.unflatten(hv), t.aux(aux)
+
+
+def _product(api: str, f, primals, vectors, argnums, has_aux, mode, body=_product_body,
+             name="tangents"):
     if type(primals) is not tuple:
-        primals = _checks.check_primals(primals, api)
-    key = _call.options(api, len(primals), argnums, has_aux, mode)
-    return _call.run(key, f, primals, _build, vectors, name)
+        primals = _checks.check_primals(primals, f"jhvp.{api}")
+    opts = _cache.options(api, len(primals), argnums, has_aux, mode)
+    return _cache.run(opts, f, primals, body, vectors, name)
 
 
 @overload
@@ -102,7 +93,7 @@ def hvp(f, primals, tangents, *, argnums=0, has_aux=False, mode="fwd_rev"):
         [ 6. 12.] 2.0
     """
     hv, aux = _product("hvp", f, primals, tangents, argnums, has_aux, mode)
-    return hv if aux is None else (hv, _call.merge_aux(aux))
+    return hv if aux is None else (hv, _cache.merge_aux(aux))
 
 
 @overload
@@ -143,8 +134,9 @@ def vhp(f, primals, cotangents, *, argnums=0, has_aux=False):
         >>> print(jhvp.vhp(lambda x: jnp.sum(x ** 3), (x,), v))
         [6. 0.]
     """
-    vh, aux = _product("vhp", f, primals, cotangents, argnums, has_aux, "rev_rev", "cotangents")
-    return vh if aux is None else (vh, _call.merge_aux(aux))
+    vh, aux = _product("vhp", f, primals, cotangents, argnums, has_aux, "rev_rev",
+                       name="cotangents")
+    return vh if aux is None else (vh, _cache.merge_aux(aux))
 
 
 @overload
@@ -184,7 +176,6 @@ def value_grad_hvp(f, primals, tangents, *, argnums=0, has_aux=False):
         >>> print(value, grad, hv)
         9.0 [ 3. 12.] [ 6. 12.]
     """
-    value, grad, hv, aux = _product(
-        "value_grad_hvp", f, primals, tangents, argnums, has_aux, "fwd_rev"
-    )
-    return (value if aux is None else (value, _call.merge_aux(aux))), grad, hv
+    value, grad, hv, aux = _product("value_grad_hvp", f, primals, tangents, argnums, has_aux,
+                                    "fwd_rev", _value_grad_hvp_body)
+    return (value if aux is None else (value, _cache.merge_aux(aux))), grad, hv

@@ -22,9 +22,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
-from . import _ad, _checks
+from . import _ad, _checks, _filter, _protocol
 from ._typing import PyTree
-from .curvature import _protocol
 
 
 def _require(module: str, extra: str, api: str) -> Any:
@@ -38,15 +37,6 @@ def _require(module: str, extra: str, api: str) -> Any:
             f"jhvp.{api} needs the optional dependency {extra!r}, which is not installed. "
             f'Install it with: pip install "jhvp[{extra}]"'
         ) from err
-
-
-def _structure(op: Any, like: PyTree, api: str) -> PyTree:
-    if like is None and not hasattr(op, "in_structure"):
-        raise TypeError(
-            f"jhvp.{api}: `op` is a plain callable, so the structure of its vectors is unknown; "
-            "pass `like=` (a pytree of arrays or jax.ShapeDtypeStruct with the structure of v)."
-        )
-    return _protocol.structure(op, like, api)
 
 
 def _matvec(flat_op: _protocol.FlatOperator, x: jax.Array) -> jax.Array:
@@ -94,16 +84,17 @@ def to_scipy(op: Any, *, like: PyTree = None) -> Any:
         array([2., 0., 0.])
     """
     sla = _require("scipy.sparse.linalg", "scipy", "to_scipy")
-    struct = _structure(op, like, "to_scipy")
+    struct = _protocol.structure(op, like, "jhvp.to_scipy")
     n = sum(math.prod(s.shape) for s in jax.tree.leaves(struct))
 
     def matvec(x: np.ndarray) -> np.ndarray:
         # scipy may pass an (n, 1) column; it reshapes what comes back itself.
-        y = _protocol.run(_matvec, op, struct, np.reshape(x, (n,)), api="to_scipy")
+        y = _protocol.run(_matvec, op, struct, np.reshape(x, (n,)), api="jhvp.to_scipy")
         return np.array(y, dtype=np.float64)
 
     def matmat(xs: np.ndarray) -> np.ndarray:
-        return np.array(_protocol.run(_matmat, op, struct, xs, api="to_scipy"), dtype=np.float64)
+        out = _protocol.run(_matmat, op, struct, xs, api="jhvp.to_scipy")
+        return np.array(out, dtype=np.float64)
 
     return sla.LinearOperator(
         (n, n), matvec=matvec, rmatvec=matvec, matmat=matmat, rmatmat=matmat, dtype=np.float64
@@ -144,15 +135,11 @@ def to_lineax(op: Any, *, psd: bool = False, like: PyTree = None) -> Any:
         [1. 2.]
     """
     lx = _require("lineax", "lineax", "to_lineax")
-    struct = _structure(op, like, "to_lineax")
+    struct = _protocol.structure(op, like, "jhvp.to_lineax")
     tags = [lx.symmetric_tag]
     if psd or getattr(type(op), "psd", False):
         tags.append(lx.positive_semidefinite_tag)
     return lx.FunctionLinearOperator(op, struct, tags)
-
-
-def _is_array(x: Any) -> bool:
-    return isinstance(x, jax.Array | np.ndarray | np.generic)
 
 
 class ScipyObjective:
@@ -175,17 +162,13 @@ class ScipyObjective:
         self._single = single
         self._dtype = flat0.dtype
         self._unravel = unravel
-        # The fixed primals: arrays become arguments, every other leaf stays Python (static).
+        # The fixed primals, split by the one filter: arrays are arguments, the rest static.
         fixed = tuple(None if i in argnums else p for i, p in enumerate(primals))
-        leaves, treedef = jax.tree.flatten(fixed)
-        self._data = [x for x in leaves if _is_array(x)]
-        static = [None if _is_array(x) else (x,) for x in leaves]
+        leaves, treedef, self._data, _ = _filter.partition(fixed)
         dtype = self._dtype
 
         def loss(flat: jax.Array, data: list) -> jax.Array:
-            it = iter(data)
-            args = list(jax.tree.unflatten(treedef, [next(it) if s is None else s[0]
-                                                     for s in static]))
+            args = list(_filter.combine(data, leaves, treedef))
             for i, x in zip(argnums, unravel(flat), strict=True):
                 args[i] = x
             return f(*args)
@@ -271,16 +254,16 @@ def scipy_objective(
         >>> print(np.round(obj.unravel(res.x), 4))
         [1. 2.]
     """
-    api = "scipy_objective"
+    api = "jhvp.scipy_objective"
     _checks.check_callable(f, api)
     primals = _checks.check_primals(primals, api)
     nums = _checks.check_argnums(argnums, len(primals), api)
     for i in nums:
         for path, leaf in jax.tree_util.tree_flatten_with_path(primals[i])[0]:
             where = f"primals[{i}]{jax.tree_util.keystr(path)}"
-            if not (_is_array(leaf) or isinstance(leaf, float)):
+            if not (_filter.is_array(leaf) or isinstance(leaf, float)):
                 raise TypeError(
-                    f"jhvp.{api}: differentiated primals must be pytrees of floating-point "
+                    f"{api}: differentiated primals must be pytrees of floating-point "
                     f"arrays, but {where} is {type(leaf).__name__} ({leaf!r}). Move it to an "
                     "argument left out of `argnums`."
                 )

@@ -11,7 +11,7 @@ import pytest
 from helpers import DTYPE, counting, rosenbrock
 
 import jhvp
-from jhvp import _jit
+from jhvp import _cache
 
 
 def test_repeated_calls_do_not_trace_again():
@@ -66,12 +66,12 @@ def test_cache_does_not_keep_functions_alive():
 
 def test_fresh_lambda_per_iteration_keeps_cache_bounded():
     gc.collect()
-    before = _jit.cache_size()
+    before = _cache.cache_size()
     x = jnp.ones(3, DTYPE)
     for k in range(30):
         jhvp.hvp(lambda x, k=k: jnp.sum(x**2) * k, (x,), x)
     gc.collect()
-    assert _jit.cache_size() <= before + 1
+    assert _cache.cache_size() <= before + 1
 
 
 class Model:
@@ -208,7 +208,7 @@ class CallableConfig:  # a non-frozen dataclass: unhashable, and not a pytree
 
 def test_unhashable_callables_are_not_kept_alive():
     gc.collect()
-    before = _jit.cache_size()
+    before = _cache.cache_size()
     x = jnp.arange(1.0, 4.0, dtype=DTYPE)
     refs = []
     for k in range(10):
@@ -218,7 +218,7 @@ def test_unhashable_callables_are_not_kept_alive():
         del f
     gc.collect()
     assert all(r() is None for r in refs)
-    assert _jit.cache_size() <= before
+    assert _cache.cache_size() <= before
 
 
 def test_unhashable_static_data_argument_is_keyed_by_identity_and_released():

@@ -133,3 +133,53 @@ def test_operator_rejects_wrong_tangent():
     op = jhvp.hessian_operator(rosenbrock, (x3,))
     with pytest.raises(ValueError, match=r"jhvp.HessianOperator: `tangents` leaf tangents has shape \(4,\)"):
         op(jnp.ones(4, DTYPE))
+
+
+# ---- one voice: the caller's full API name, every check at every entry point -----------------
+
+
+@pytest.mark.parametrize("convert", ["to_scipy", "to_lineax"])
+def test_bridges_name_themselves_not_the_curvature_package(convert):
+    from jhvp import interop
+
+    with pytest.raises(TypeError, match=rf"^jhvp\.{convert}: `op` is a plain callable"):
+        getattr(interop, convert)(lambda v: v)
+    with pytest.raises(TypeError, match=rf"^jhvp\.{convert}: every leaf of `like`"):
+        getattr(interop, convert)(lambda v: v, like={"x": "a string"})
+
+
+@pytest.mark.parametrize("name", ["trace", "diagonal"])
+def test_trace_and_diagonal_check_their_key(name):
+    estimator = getattr(jhvp.curvature, name)
+    with pytest.raises(TypeError, match=rf"^jhvp\.curvature\.{name}: `key` must be one PRNG key"):
+        estimator(lambda v: v, "not a key", num_matvecs=3, like=x3)
+
+
+@pytest.mark.parametrize("argnums", [(0, 1.0), (0, True), (0.0,)])
+def test_argnums_validated_by_type_even_after_an_equal_valid_call(argnums):
+    f = lambda a, b: jnp.sum(a * b)
+    jhvp.hvp(f, (x3, x3), (x3, x3), argnums=(0, 1))  # (0, 1) == (0, 1.0) == (0, True)
+    jhvp.hvp(f, (x3, x3), (x3,), argnums=(0,))
+    with pytest.raises(TypeError, match=r"`argnums` must be an int or a tuple of ints"):
+        jhvp.hvp(f, (x3, x3), (x3, x3)[: len(argnums)], argnums=argnums)
+
+
+def test_solve_with_an_integer_b_names_b_and_a_bad_rtol_is_explained():
+    with pytest.raises(TypeError, match=r"jhvp\.curvature\.solve: vectors must be real .*`b`"):
+        jhvp.curvature.solve(lambda v: v, jnp.arange(3))
+    with pytest.raises(TypeError, match=r"jhvp\.curvature\.solve: `rtol` must be a non-negative"):
+        jhvp.curvature.solve(lambda v: v, x3, rtol=None)
+
+
+def test_solve_and_lanczos_accept_vectors_with_the_primals_full_structure():
+    # A model with a static leaf: `op @ v` takes v with the full structure (README); so do these.
+    params = {"w": jnp.array([1.0, 2.0, 3.0], DTYPE), "act": "cube"}
+    f = lambda p: jnp.sum(p["w"] ** 3)
+    op = jhvp.hessian_operator(f, (params,))
+    full = {"w": jnp.ones(3, DTYPE), "act": "cube"}
+    H = np.diag(6.0 * np.array([1.0, 2.0, 3.0]))
+    x = jhvp.curvature.solve(op, full, rtol=1e-6).x
+    np.testing.assert_allclose(x["w"], np.linalg.solve(H, np.ones(3)), rtol=1e-4)
+    out = jhvp.curvature.lanczos(op, full, 3)
+    T = np.diag(out.alphas) + np.diag(out.betas[:2], 1) + np.diag(out.betas[:2], -1)
+    np.testing.assert_allclose(np.linalg.eigvalsh(T), np.diag(H), rtol=1e-4)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _ad, _filter, _jit
+from .. import _ad, _cache, _filter
 from . import _args, _strict
 from . import _messages as msg
 
@@ -189,22 +189,20 @@ def _hessian_impl(get_f, is_inputs_tuple, create_graph, strict, vectorize, strat
     return impl
 
 
-_ENTRIES = _jit.table("compat")
+_ENTRIES = _cache.table("compat")
 
 
 def _compiled(func, fn_name: str, key: tuple, make: Callable) -> Callable:
     if not callable(func):
         raise TypeError(f"{fn_name}: `func` must be callable, got {type(func).__name__}.")
 
-    def build() -> _jit.Entry:
-        entry = _jit.Entry()
+    def make_jitted(slot: _cache.Slot) -> Callable:
         # func is read from the running call while tracing, so the cache never holds it.
-        entry.jitted = jax.jit(make(lambda: entry.leaves[0]))
-        return entry
+        return jax.jit(make(lambda: slot.leaves[0]))
 
-    call_key = _jit.CallKey.of(f"compat.{fn_name}", extra=key)
-    entry = _jit.lookup(_ENTRIES, (call_key, _filter.static_key(func)), build)
-    return functools.partial(entry.call, [func])
+    entry = _cache.lookup(_ENTRIES, (fn_name, key, _filter.static_key(func)),
+                          lambda: _cache.Entry(make_jitted))
+    return functools.partial(entry.call, [func], None)
 
 
 def vjp(func, inputs, v=None, create_graph=False, strict=False):

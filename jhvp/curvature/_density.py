@@ -8,8 +8,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .. import _protocol
 from .._typing import PyTree
-from . import _lanczos, _probes, _protocol
+from . import _checks, _lanczos, _sketch
 
 # The default Gaussian width, as a fraction of the spread of the nodes: fine enough to resolve
 # outliers a few percent of the range apart, wide enough that the bulk reads as a curve and not
@@ -39,7 +40,7 @@ def _density_impl(flat_op, key, *, num_probes, num_matvecs, num_points, sigma, b
     root_n = jnp.asarray(math.sqrt(flat_op.n), dtype)
 
     def quadrature(i):
-        v = _probes.rademacher(key, i, flat_op.n, dtype) / root_n
+        v = _sketch.rademacher(key, i, flat_op.n, dtype) / root_n
         out = _lanczos.lanczos_flat(flat_op.matvec, v, num_matvecs, reortho="full")
         m = num_matvecs
         T = (jnp.diag(out.alphas) + jnp.diag(out.betas[: m - 1], 1)
@@ -47,7 +48,7 @@ def _density_impl(flat_op, key, *, num_probes, num_matvecs, num_points, sigma, b
         theta, S = jnp.linalg.eigh(T)
         return theta, S[0] ** 2
 
-    nodes, weights = _probes.map_probes(quadrature, num_probes, batch_size)
+    nodes, weights = _sketch.map_probes(quadrature, num_probes, batch_size)
     # Weight-0 nodes (past a breakdown) sit at 0 and must not stretch the grid.
     live = weights > jnp.finfo(dtype).eps
     lo = jnp.min(jnp.where(live, nodes, jnp.inf))
@@ -126,19 +127,19 @@ def spectral_density(
         >>> print(round(float(jnp.trapezoid(out.density, out.grid)), 3))
         1.0
     """
-    api = "spectral_density"
+    api = "jhvp.curvature.spectral_density"
     struct = _protocol.structure(op, like, api)
-    _protocol.check_key(key, api)
+    _checks.check_key(key, api)
     n = _protocol.size(struct)
-    num_probes = _protocol.check_int(num_probes, "num_probes", api)
+    num_probes = _checks.check_int(num_probes, "num_probes", api)
     if num_matvecs is None:
         num_matvecs = min(n, 80)
-    num_matvecs = _protocol.check_int(
+    num_matvecs = _checks.check_int(
         num_matvecs, "num_matvecs", api, high=n, why=f" (n = {n}, the operator's dimension)"
     )
-    num_points = _protocol.check_int(num_points, "num_points", api, low=2)
-    sigma = _protocol.check_positive(sigma, "sigma", api)
-    _probes.check_batch_size(batch_size, api)
+    num_points = _checks.check_int(num_points, "num_points", api, low=2)
+    sigma = _checks.check_positive(sigma, "sigma", api)
+    _checks.check_batch_size(batch_size, api)
     return _protocol.run(
         _density_impl, op, struct, key, api=api, num_probes=num_probes, num_matvecs=num_matvecs,
         num_points=num_points, sigma=sigma, batch_size=batch_size,

@@ -10,18 +10,9 @@ from typing import Any, Literal, NamedTuple, get_args
 import jax
 import jax.numpy as jnp
 
+from .. import _protocol
 from .._typing import PyTree
-from . import _probes, _protocol
-from ._trace import (
-    apply_rows,
-    check_budget,
-    check_dimension,
-    dimension,
-    loo_factor,
-    mean_stderr,
-    rank_deficient,
-    sketch,
-)
+from . import _checks, _sketch
 
 DiagonalMethod = Literal["hutchinson", "xdiag"]
 _METHODS: tuple[str, ...] = get_args(DiagonalMethod)
@@ -43,7 +34,7 @@ def _chunk_stats(flat_op, key, first, size):
     """Count, mean and sum of squared deviations of v ⊙ Av over probes first..first+size-1."""
 
     def sample(i):
-        v = _probes.rademacher(key, i, flat_op.n, flat_op.dtype)
+        v = _sketch.rademacher(key, i, flat_op.n, flat_op.dtype)
         return v * flat_op.matvec(v)
 
     p = jax.vmap(sample)(first + jnp.arange(size, dtype=jnp.int32))
@@ -85,24 +76,24 @@ def _xdiag(flat_op, key, m, batch_size):
     # of the low-rank Q_(i)Q_(i)ᵀA built from the other probes, plus ω_i ⊙ (I − Q_(i)Q_(i)ᵀ)Aω_i,
     # which the downdating identity reduces to (Qs_i)(s_iᵀr_i) ⊙ ω_i.
     s = m // 2
-    om, y = sketch(flat_op, key, s, batch_size)
+    om, y = _sketch.sketch(flat_op, key, s, batch_size)
     q, r = jnp.linalg.qr(y.T)
-    z = apply_rows(flat_op, q.T, batch_size)  # rows (A q_j)ᵀ = q_jᵀA: A is symmetric
+    z = _sketch.apply_rows(flat_op, q.T, batch_size)  # rows (A q_j)ᵀ = q_jᵀA: A is symmetric
     low = jnp.sum(q * z.T, axis=1)  # diag(QQᵀA)
 
     def exact():
         return jnp.broadcast_to(low[None, :], (s, flat_op.n))
 
     def estimate():
-        fs = loo_factor(r)
+        fs = _sketch.loo_factor(r)
         qs = q @ fs
         zs = z.T @ fs
         sr = jnp.sum(fs * r, axis=0)
         return (low[:, None] - qs * zs + qs * sr[None, :] * om.T).T
 
-    samples = jax.lax.cond(rank_deficient(r, flat_op.n), exact, estimate)
-    mean, stderr = mean_stderr(samples)
-    return mean, jnp.where(rank_deficient(r, flat_op.n), jnp.zeros_like(stderr), stderr)
+    samples = jax.lax.cond(_sketch.rank_deficient(r, flat_op.n), exact, estimate)
+    mean, stderr = _sketch.mean_stderr(samples)
+    return mean, jnp.where(_sketch.rank_deficient(r, flat_op.n), jnp.zeros_like(stderr), stderr)
 
 
 _IMPLS = {"hutchinson": _hutchinson, "xdiag": _xdiag}
@@ -162,11 +153,12 @@ def diagonal(
         >>> print(result.estimate)  # exact for a diagonal matrix: v ⊙ Av = v ⊙ v ⊙ diag(A)
         [ 2.  -1.   0.5]
     """
-    api = "diagonal"
-    m = check_budget(num_matvecs, method, _METHODS, {"xdiag": 2}, api)
-    _probes.check_batch_size(batch_size, api)
+    api = "jhvp.curvature.diagonal"
+    m = _checks.check_budget(num_matvecs, method, _METHODS, {"xdiag": 2}, api)
+    _checks.check_batch_size(batch_size, api)
     struct = _protocol.structure(op, like, api)
-    check_dimension(m, dimension(struct), "curvature.diagonal_exact(op)", api)
+    _checks.check_key(key, api)
+    _checks.check_dimension(m, _protocol.size(struct), "curvature.diagonal_exact(op)", api)
     estimate, stderr = _protocol.run(
         _diagonal_impl, op, struct, key, api=api, method=method, num_matvecs=m,
         batch_size=batch_size,
@@ -181,7 +173,7 @@ def _exact_impl(flat_op, *, batch_size):
         e = (jnp.arange(n, dtype=jnp.int32) == i).astype(dtype)
         return flat_op.matvec(e)[i]
 
-    d = _probes.map_probes(entry, n, batch_size)
+    d = _sketch.map_probes(entry, n, batch_size)
     return flat_op.unravel(d), flat_op.unravel(jnp.zeros_like(d))
 
 
@@ -214,8 +206,8 @@ def diagonal_exact(
         >>> print(curvature.diagonal_exact(lambda v: A @ v, like=jnp.zeros(2)).estimate)
         [2. 3.]
     """
-    api = "diagonal_exact"
-    _probes.check_batch_size(batch_size, api)
+    api = "jhvp.curvature.diagonal_exact"
+    _checks.check_batch_size(batch_size, api)
     struct = _protocol.structure(op, like, api)
     estimate, stderr = _protocol.run(_exact_impl, op, struct, api=api, batch_size=batch_size)
-    return DiagonalResult(estimate, stderr, dimension(struct))
+    return DiagonalResult(estimate, stderr, _protocol.size(struct))

@@ -7,8 +7,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .. import _protocol
 from .._typing import PyTree
-from . import _lanczos, _protocol
+from . import _checks, _lanczos
 
 WHICH = ("LA", "SA", "LM")
 
@@ -126,15 +127,15 @@ def eigh(
         >>> out.eigenvectors.shape
         (2, 10)
     """
-    api = "eigh"
+    api = "jhvp.curvature.eigh"
     struct = _protocol.structure(op, like, api)
-    _protocol.check_key(key, api)
+    _checks.check_key(key, api)
     n = _protocol.size(struct)
-    k = _protocol.check_int(k, "k", api, high=n, why=f" (n = {n}, the operator's dimension)")
-    _protocol.check_choice(which, WHICH, "which", api)
+    k = _checks.check_int(k, "k", api, high=n, why=f" (n = {n}, the operator's dimension)")
+    _checks.check_choice(which, WHICH, "`which`", api)
     if num_matvecs is None:
         num_matvecs = min(n, max(4 * k, 32))
-    num_matvecs = _protocol.check_int(
+    num_matvecs = _checks.check_int(
         num_matvecs, "num_matvecs", api, high=n, why=f" (n = {n}, the operator's dimension)"
     )
     if k > num_matvecs:
@@ -142,8 +143,8 @@ def eigh(
             f"jhvp.curvature.eigh: `k` = {k} eigenpairs need at least k Lanczos steps, but "
             f"`num_matvecs` = {num_matvecs}; raise num_matvecs (about 4k or more is typical)."
         )
-    rtol = _protocol.check_positive(rtol, "rtol", api)
-    _protocol.check_choice(reortho, ("partial", "full"), "reortho", api)
+    rtol = _checks.check_positive(rtol, "rtol", api)
+    _checks.check_choice(reortho, ("partial", "full"), "`reortho`", api)
     return _protocol.run(
         _eigh_impl, op, struct, key, api=api, k=k, which=which, num_matvecs=num_matvecs,
         rtol=rtol, reortho=reortho,
@@ -222,9 +223,9 @@ def power_iteration(
         >>> print(jnp.round(out.eigenvalues, 3), bool(out.converged[0]))
         [-5.] True
     """
-    api = "power_iteration"
+    api = "jhvp.curvature.power_iteration"
     struct = _protocol.structure(op, like, api)
-    _protocol.check_key(key, api)
-    max_iters = _protocol.check_int(max_iters, "max_iters", api)
-    rtol = _protocol.check_positive(rtol, "rtol", api, optional=False)
+    _checks.check_key(key, api)
+    max_iters = _checks.check_int(max_iters, "max_iters", api)
+    rtol = _checks.check_positive(rtol, "rtol", api, optional=False)
     return _protocol.run(_power_impl, op, struct, key, api=api, max_iters=max_iters, rtol=rtol)

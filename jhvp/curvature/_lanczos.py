@@ -8,8 +8,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .. import _protocol
 from .._typing import PyTree
-from . import _protocol
+from . import _checks
 
 REORTHO = ("full", "partial", "none")
 # Reorthogonalisation must be exact to working precision: TF32 or bf16 passes on accelerators
@@ -269,15 +270,16 @@ def lanczos(op: Any, v0: PyTree, num_matvecs: int, *, reortho: str = "full") -> 
         >>> print(jnp.round(jnp.linalg.eigvalsh(T), 4))
         [1. 2. 3.]
     """
-    api = "lanczos"
+    api = "jhvp.curvature.lanczos"
+    v0 = _protocol.gradient_form(op, v0)
     struct = _protocol.structure(op, v0, api, name="v0")
     n = _protocol.size(struct)
-    num_matvecs = _protocol.check_int(
+    num_matvecs = _checks.check_int(
         num_matvecs, "num_matvecs", api, high=n, why=f" (n = {n}, the dimension of v0)"
     )
-    _protocol.check_choice(reortho, REORTHO, "reortho", api)
+    _checks.check_choice(reortho, REORTHO, "`reortho`", api)
     return _protocol.run(
-        _impl, op, struct, v0, api=api, num_matvecs=num_matvecs, reortho=reortho
+        _impl, op, struct, v0, api=api, name="v0", num_matvecs=num_matvecs, reortho=reortho
     )
 
 

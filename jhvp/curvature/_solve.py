@@ -7,15 +7,14 @@ solve, never a backward pass through the iterations.
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from .. import _protocol
 from .._typing import PyTree
-from . import _protocol
+from . import _checks
 
 NegativeCurvature = Literal["ignore", "stop"]
 _NEGATIVE_CURVATURE: tuple[str, ...] = get_args(NegativeCurvature)
@@ -34,67 +33,6 @@ class SolveResult(NamedTuple):
     """Whether residual_norm ≤ max(rtol‖b‖, atol)."""
     negative_curvature: jax.Array
     """Whether some search direction p had pᵀ(A + λI)p ≤ 0 (the operator is not positive)."""
-
-
-def _vector_struct(tree: PyTree, struct: PyTree, name: str, api: str) -> PyTree:
-    """Checks `tree` against the operator's structure; returns it cast to its dtypes."""
-    want, want_def = jax.tree.flatten(struct)
-    got_paths, got_def = jax.tree_util.tree_flatten_with_path(tree)
-    if want_def != got_def:
-        raise ValueError(
-            f"jhvp.curvature.{api}: `{name}` must have the structure of the vectors op applies "
-            f"to ({want_def}), got {got_def}. Pass `{name}` shaped like op.in_structure()."
-        )
-    out = []
-    for (path, leaf), w in zip(got_paths, want, strict=True):
-        if tuple(np.shape(leaf)) != tuple(w.shape):
-            raise ValueError(
-                f"jhvp.curvature.{api}: `{name}` leaf {jax.tree_util.keystr(path) or '<root>'} "
-                f"has shape {tuple(np.shape(leaf))}, but op applies to shape {tuple(w.shape)}."
-            )
-        out.append(jnp.asarray(leaf, w.dtype))
-    return jax.tree.unflatten(got_def, out)
-
-
-def _check_options(damping, rtol, atol, max_steps, negative_curvature, api):
-    if negative_curvature not in _NEGATIVE_CURVATURE:
-        listed = ", ".join(repr(c) for c in _NEGATIVE_CURVATURE)
-        raise ValueError(
-            f"jhvp.curvature.{api}: unknown negative_curvature {negative_curvature!r}; valid "
-            f"values are {listed}."
-        )
-    for name, value in (("damping", damping), ("rtol", rtol), ("atol", atol)):
-        if isinstance(value, jax.core.Tracer):
-            continue  # a traced value (inside the user's jit) cannot be checked here
-        if np.ndim(value) != 0:
-            raise ValueError(
-                f"jhvp.curvature.{api}: `{name}` must be a scalar, got shape {np.shape(value)}."
-            )
-        if not np.all(np.asarray(value) >= 0):
-            fix = " (a shift that makes A + λI positive needs λ > -λ_min(A) > 0)" if (
-                name == "damping") else ""
-            raise ValueError(
-                f"jhvp.curvature.{api}: `{name}` must be non-negative, got {value!r}{fix}."
-            )
-    if max_steps is None:
-        return None
-    if isinstance(max_steps, bool):
-        raise TypeError(
-            f"jhvp.curvature.{api}: `max_steps` must be None or an int, got {max_steps!r}."
-        )
-    try:
-        steps = operator.index(max_steps)
-    except TypeError:
-        raise TypeError(
-            f"jhvp.curvature.{api}: `max_steps` must be None or an int, got "
-            f"{type(max_steps).__name__} ({max_steps!r})."
-        ) from None
-    if steps < 1:
-        raise ValueError(
-            f"jhvp.curvature.{api}: `max_steps` must be at least 1, got {steps}; pass None for "
-            "the default 10·n."
-        )
-    return steps
 
 
 def _cg(matvec, rhs, x0, tols, *, max_steps, stop, has_x0):
@@ -220,23 +158,21 @@ def solve(
         >>> print(jnp.round(result.x, 4), bool(result.converged))
         [0.0909 0.6364] True
     """
-    api = "solve"
-    steps = _check_options(damping, rtol, atol, max_steps, negative_curvature, api)
+    api = "jhvp.curvature.solve"
+    _checks.check_choice(negative_curvature, _NEGATIVE_CURVATURE, "negative_curvature", api)
+    for name, value in (("damping", damping), ("rtol", rtol), ("atol", atol)):
+        _checks.check_scalar_option(value, name, api)
+    steps = _checks.check_int(max_steps, "max_steps", api, optional=True,
+                              why=" (or None for the default 10·n)")
+    b = _protocol.gradient_form(op, b)
     if hasattr(op, "in_structure"):
-        struct = _protocol.structure(op, None, api)
-    else:
-        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), b)
-        struct = _protocol.structure(op, like, api)
-    b = _vector_struct(b, struct, "b", api)
+        struct, name = _protocol.structure(op, None, api), "like"
+    else:  # a plain callable: b gives the structure
+        struct, name = _protocol.structure(op, b, api, name="b"), "b"
+    b = _checks.check_vector(b, struct, "b", api)
     if x0 is not None:
-        x0 = _vector_struct(x0, struct, "x0", api)
-    try:
-        return _protocol.run(
-            _solve_impl, op, struct, b, x0, damping, rtol, atol, api=api,
-            max_steps=steps, stop=negative_curvature == "stop",
-        )
-    except ValueError as err:
-        # A plain callable took its structure from b, so the mismatch is b's, not `like`'s.
-        if hasattr(op, "in_structure") or "`like` does not match" not in str(err):
-            raise
-        raise ValueError(str(err).replace("`like`", "`b`")) from err
+        x0 = _checks.check_vector(_protocol.gradient_form(op, x0), struct, "x0", api)
+    return _protocol.run(
+        _solve_impl, op, struct, b, x0, damping, rtol, atol, api=api, name=name,
+        max_steps=steps, stop=negative_curvature == "stop",
+    )

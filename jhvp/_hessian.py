@@ -9,8 +9,8 @@ from typing import Any
 
 import jax
 
-from . import _ad, _call, _checks, _filter, _jit, _strategy
-from ._linear_operator import SymmetricOperator, TangentLayout
+from . import _ad, _cache, _checks, _filter, _strategy
+from ._protocol import SymmetricOperator, TangentLayout
 from ._typing import STRATEGIES, PyTree, Strategy
 
 
@@ -64,7 +64,7 @@ class HessianOperator(SymmetricOperator):
         """F's auxiliary output, exactly as f returned it (None without `has_aux`)."""
         if self._aux_static is None:
             return None
-        return _call.merge_aux((self._aux_arrays, self._aux_static))
+        return _cache.merge_aux((self._aux_arrays, self._aux_static))
 
 
 def _apply_linearized(linear: Callable, vecs: list) -> list:
@@ -78,41 +78,28 @@ def _apply_recompute(jaxpr, out_tree, consts: list, dynamic: list, vecs: list) -
     return jax.tree.unflatten(out_tree, flat)
 
 
-def _build(entry: _jit.Entry, key: _jit.CallKey) -> Callable:
-    api = "hessian_operator"
-    (strategy,) = key.extra
-    layout = entry.layout
-    tangent_layout = TangentLayout.of(layout, key.single)
+def _body(t: _cache.Traced) -> HessianOperator:
+    (strategy,) = t.key.extra
 
     def recompute(dynamic: list, vecs: list) -> list:
-        leaves = _call.traced_leaves(entry, dynamic)
-        diff = _call.differentiated(entry, leaves, api)
-        loss = _call.make_loss(entry, leaves, key.has_aux, api, [])
-        return _ad.guarded(_ad.fwd_rev, "fwd_rev", api, loss, diff, vecs)[1]
+        # A program of its own, from the traced leaves: no closed-over tracer of this trace.
+        again = t.again(dynamic)
+        return _ad.guarded(_ad.fwd_rev, "fwd_rev", t.api, again.loss, again.diff, vecs)[1]
 
-    def program(dynamic: list) -> HessianOperator:
-        leaves = _call.traced_leaves(entry, dynamic)
-        diff = _call.differentiated(entry, leaves, api)
-        box: list = []
-        loss = _call.make_loss(entry, leaves, key.has_aux, api, box)
-        value, grad, linear, aux = _ad.guarded(_ad.linearize, "fwd_rev", api, loss, diff)
-        chosen = strategy
-        if chosen == "auto":
-            chosen = _strategy.choose(_apply_linearized, (linear, diff), recompute,
-                                      (dynamic, diff))
-        if chosen == "recompute":
-            closed, out_shape = jax.make_jaxpr(recompute, return_shape=True)(dynamic, diff)
-            body = functools.partial(_apply_recompute, closed.jaxpr,
-                                     jax.tree.structure(out_shape))
-            apply = jax.tree_util.Partial(body, closed.consts, dynamic)
-        else:
-            apply = jax.tree_util.Partial(_apply_linearized, linear)
-        aux_arrays, aux_static = _call.aux_output(aux, box, key.has_aux) or (None, None)
-        return HessianOperator(value, layout.unflatten_diff(grad, key.single), aux_arrays,
-                               apply, tangent_layout, aux_static)
-
-    program.__name__ = program.__qualname__ = f"jhvp_hessian_operator_{strategy}"
-    return jax.jit(program)
+    value, grad, linear, aux = _ad.guarded(_ad.linearize, "fwd_rev", t.api, t.loss, t.diff)
+    chosen = strategy
+    if chosen == "auto":
+        chosen = _strategy.choose(_apply_linearized, (linear, t.diff), recompute,
+                                  (t.dynamic, t.diff))
+    if chosen == "recompute":
+        closed, out_shape = jax.make_jaxpr(recompute, return_shape=True)(t.dynamic, t.diff)
+        body = functools.partial(_apply_recompute, closed.jaxpr, jax.tree.structure(out_shape))
+        apply = jax.tree_util.Partial(body, closed.consts, t.dynamic)
+    else:
+        apply = jax.tree_util.Partial(_apply_linearized, linear)
+    aux_arrays, aux_static = t.aux(aux) or (None, None)
+    return HessianOperator(value, t.unflatten(grad), aux_arrays, apply,
+                           TangentLayout.of(t.layout), aux_static)
 
 
 def hessian_operator(
@@ -139,7 +126,7 @@ def hessian_operator(
     application. The cost model counts arithmetic and memory traffic, not kernel launches: on a
     GPU, problems small enough that a call is mostly launch overhead were measured up to 1.4x
     slower with stored residuals (an H100: a 500-parameter logistic regression, a 49k-parameter
-    transformer block; `bench/RESULTS.md`), so pass `strategy="recompute"` there.
+    transformer block, in jhvp's GPU benchmark), so pass `strategy="recompute"` there.
 
     Args:
         f: A function returning a real scalar (or `(scalar, aux)` with `has_aux=True`).
@@ -168,10 +155,10 @@ def hessian_operator(
         >>> print(op.value, op.grad)
         9.0 [ 3. 12.]
     """
-    primals = _checks.check_primals(primals, "hessian_operator")
-    _checks.check_choice(strategy, STRATEGIES, "strategy", "hessian_operator")
-    key = _call.options("hessian_operator", len(primals), argnums, has_aux, "fwd_rev",
-                        (strategy,))
-    return _call.run(key, f, primals, _build)
+    api = "hessian_operator"
+    primals = _checks.check_primals(primals, f"jhvp.{api}")
+    _checks.check_choice(strategy, STRATEGIES, "strategy", f"jhvp.{api}", plural="strategies")
+    opts = _cache.options(api, len(primals), argnums, has_aux, "fwd_rev", (strategy,))
+    return _cache.run(opts, f, primals, _body)
 
 

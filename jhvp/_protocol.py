@@ -1,0 +1,315 @@
+"""The operator protocol: what every jhvp operator shares, and how any operator enters a program.
+
+`HessianOperator`, `GGNOperator` and `FisherOperator` are frozen dataclasses registered as pytrees
+with at least the data fields `value`, `grad` and `_apply` (a `jax.tree_util.Partial` mapping the
+flat differentiated tangent leaves to the flat result leaves) and the meta field
+`_tangent_layout`; they inherit the rest from `SymmetricOperator`. `jhvp.curvature` and
+`jhvp.interop` see an operator only through `structure` (the pytree of `jax.ShapeDtypeStruct` its
+vectors have: `like=`, else `op.in_structure()`) and `run` (one compiled program with the
+operator's arrays as arguments), so they serve these operators and user callables `v -> A v`
+alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from . import _cache, _checks, _filter
+from ._typing import PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class TangentLayout:
+    """The accepted tangent structures: the gradient's, or the primals' own (statics ignored)."""
+
+    diff_tree: Any
+    full_tree: Any
+    selection: tuple[int, ...]
+
+    @staticmethod
+    def of(layout: _cache.Layout) -> TangentLayout:
+        """Returns the layout of one cache entry's tangents."""
+        diff_tree, full_tree = layout.tangent_trees
+        return TangentLayout(diff_tree, full_tree, layout.full_selection)
+
+
+class SymmetricOperator:
+    """A symmetric linear operator on the differentiated primals: `op(v)`, `op @ v`.
+
+    A mixin for the registered dataclasses above; the subclass supplies the fields and, where
+    true, `psd = True` (read by `jhvp.to_lineax` to add the positive-semidefinite tag).
+    """
+
+    psd: ClassVar[bool] = False
+    value: jax.Array
+    grad: PyTree
+    _apply: Any
+    _tangent_layout: TangentLayout
+
+    def __call__(self, tangents: PyTree) -> PyTree:
+        """Returns A·tangents, with the structure of the gradient."""
+        return apply_jitted(self, self._tangent_leaves(tangents))
+
+    def __matmul__(self, tangents: PyTree) -> PyTree:
+        return apply_jitted(self, self._tangent_leaves(tangents))
+
+    def _tangent_leaves(self, tangents: PyTree) -> list:
+        leaves, tree = jax.tree.flatten(tangents)
+        layout = self._tangent_layout
+        if tree == layout.diff_tree:
+            return leaves
+        if tree == layout.full_tree:
+            return [leaves[p] for p in layout.selection]
+        _checks.check_tangents(self.grad, tangents, "tangents", f"jhvp.{type(self).__name__}")
+        raise AssertionError("unreachable: check_tangents accepted a rejected structure")
+
+    def transpose(self) -> Any:
+        """Returns the operator itself: it is symmetric."""
+        return self
+
+    @property
+    def T(self) -> Any:  # noqa: N802 (numpy's name)
+        """The transpose, which is the operator itself."""
+        return self
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(n, n), n being the number of scalar parameters in the gradient."""
+        n = sum(jnp.size(leaf) for leaf in jax.tree.leaves(self.grad))
+        return (n, n)
+
+    def in_structure(self) -> PyTree:
+        """Returns the structure of the vectors it applies to: `jax.ShapeDtypeStruct` leaves.
+
+        Examples:
+            >>> import jax.numpy as jnp, jhvp
+            >>> x = jnp.ones(3, dtype=jnp.float32)  # float32 with or without JAX_ENABLE_X64
+            >>> op = jhvp.hessian_operator(lambda x: jnp.sum(x ** 4), (x,))
+            >>> op.in_structure()
+            ShapeDtypeStruct(shape=(3,), dtype=float32)
+        """
+        return jax.tree.map(lambda g: jax.ShapeDtypeStruct(jnp.shape(g), jnp.result_type(g)),
+                            self.grad)
+
+    def as_matrix(self) -> jax.Array:
+        """Returns the dense n×n matrix, parameters ordered as `jax.flatten_util.ravel_pytree`.
+
+        For small problems and tests only: it costs n applications (batched with `jax.vmap`, so
+        n tangent passes at once) and n² memory.
+
+        Examples:
+            >>> import jax.numpy as jnp, jhvp
+            >>> op = jhvp.hessian_operator(lambda p: p["a"] ** 2 * p["b"],
+            ...                            ({"a": jnp.array(1.0), "b": jnp.array(3.0)},))
+            >>> print(op.as_matrix())  # order: "a", "b"
+            [[6. 2.]
+             [2. 0.]]
+        """
+        flat, _ = ravel_pytree(self.grad)
+        basis = jnp.eye(flat.size, dtype=flat.dtype)
+        return _dense(self, basis)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n={self.shape[0]}, value={self.value!r})"
+
+
+def apply_traced(op: SymmetricOperator, vecs: list) -> PyTree:
+    """A·v from flat tangent leaves, checked against the gradient and cast to its dtypes."""
+    grads = jax.tree.leaves(op.grad)
+    tree = jax.tree.structure(op.grad)
+    for g, t in zip(grads, vecs, strict=True):
+        if jnp.shape(g) != jnp.shape(t) or jnp.issubdtype(jnp.result_type(t), jnp.complexfloating):
+            _checks.check_tangents(op.grad, tree.unflatten(vecs), "tangents",
+                                  f"jhvp.{type(op).__name__}")
+    vecs = [jnp.asarray(t, dtype=jnp.result_type(g)) for g, t in zip(grads, vecs, strict=True)]
+    return tree.unflatten(op._apply(vecs))
+
+
+apply_jitted = jax.jit(apply_traced)
+
+
+@jax.jit
+def _dense(op: SymmetricOperator, basis: jax.Array) -> jax.Array:
+    _, unravel = ravel_pytree(op.grad)
+    return jax.vmap(
+        lambda e: ravel_pytree(apply_traced(op, jax.tree.leaves(unravel(e))))[0]
+    )(basis)
+
+
+def _leaf_struct(leaf: Any, path: tuple, api: str, name: str) -> jax.ShapeDtypeStruct:
+    where = f"`{name}`{jax.tree_util.keystr(path)}"
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        struct = leaf
+    elif _filter.is_array(leaf):
+        struct = jax.ShapeDtypeStruct(np.shape(leaf), jnp.result_type(leaf))
+    elif isinstance(leaf, float):
+        struct = jax.ShapeDtypeStruct((), jnp.result_type(float))
+    else:
+        raise TypeError(
+            f"{api}: every leaf of `{name}` must be an array, a "
+            f"jax.ShapeDtypeStruct or a float; {where} is {type(leaf).__name__} ({leaf!r}). "
+            "Pass a pytree of arrays or jax.ShapeDtypeStruct with the structure of v."
+        )
+    if not jnp.issubdtype(struct.dtype, jnp.floating):
+        raise TypeError(
+            f"{api}: vectors must be real floating point, but {where} has dtype "
+            f"{struct.dtype}. Pass `{name}` with a float dtype (e.g. x.astype(jnp.float32))."
+        )
+    return struct
+
+
+def structure(op: Any, like: PyTree, api: str, *, name: str = "like") -> PyTree:
+    """Returns the structure of the vectors `op` applies to: a pytree of `jax.ShapeDtypeStruct`.
+
+    `like` wins when given (arrays or ShapeDtypeStructs, converted); else `op.in_structure()`.
+    `name` is the argument's name in error messages (`lanczos` passes "v0").
+
+    Raises:
+        TypeError: `op` is a plain callable and `like` is None; a `like` leaf that is not an
+            array, ShapeDtypeStruct or float; a non-floating dtype.
+        ValueError: The structure has no array leaves.
+    """
+    if like is None:
+        if not hasattr(op, "in_structure"):
+            raise TypeError(
+                f"{api}: `op` is a plain callable; pass `like=` (a pytree of "
+                "arrays or jax.ShapeDtypeStruct with the structure of v)."
+            )
+        like = op.in_structure()
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(like)
+    if not with_path:
+        raise ValueError(
+            f"{api}: the vectors `op` applies to have no array leaves "
+            f"(structure {treedef}); pass `like=` with at least one array."
+        )
+    return jax.tree.unflatten(treedef, [_leaf_struct(x, p, api, name) for p, x in with_path])
+
+
+class FlatOperator(NamedTuple):
+    """An operator seen as a map on flat vectors, built at trace time by `flatten`."""
+
+    matvec: Callable[[jax.Array], jax.Array]
+    """(n,) -> (n,): unravel, apply the operator, ravel."""
+    n: int
+    """The number of scalar entries of a vector."""
+    dtype: Any
+    """The dtype of the flat vectors."""
+    unravel: Callable[[jax.Array], PyTree]
+    """(n,) -> a pytree with the operator's structure."""
+    ravel: Callable[[PyTree], jax.Array]
+    """A pytree with the operator's structure -> (n,)."""
+
+
+def _check_output(out: PyTree, struct: PyTree, api: str, name: str) -> None:
+    want, want_def = jax.tree_util.tree_flatten_with_path(struct)
+    got, got_def = jax.tree_util.tree_flatten_with_path(out)
+    if want_def != got_def:
+        want_paths = [jax.tree_util.keystr(p) for p, _ in want]
+        got_paths = [jax.tree_util.keystr(p) for p, _ in got]
+        first = next(
+            (w for w, g in zip(want_paths, got_paths, strict=False) if w != g),
+            (want_paths + got_paths)[min(len(want_paths), len(got_paths))],
+        )
+        raise ValueError(
+            f"{api}: `{name}` does not match what op returns: the structures differ "
+            f"first at leaf {first or '<root>'} ({name}: {want_def}; op returned: {got_def}). "
+            f"Pass `{name}` with the structure of op's input and output vectors."
+        )
+    for (path, w), (_, g) in zip(want, got, strict=True):
+        if tuple(w.shape) != tuple(jnp.shape(g)):
+            raise ValueError(
+                f"{api}: `{name}` does not match what op returns: leaf "
+                f"{jax.tree_util.keystr(path) or '<root>'} has shape {tuple(w.shape)} in `{name}` "
+                f"but {tuple(jnp.shape(g))} in op's output. Pass `{name}` with the shapes of v."
+            )
+
+
+def flatten(op: Any, struct: PyTree, api: str, name: str = "like") -> FlatOperator:
+    """Returns `op` as a `FlatOperator` over `jax.flatten_util.ravel_pytree` order.
+
+    Called at trace time: the zeros used to build `unravel` are dead code XLA removes. The first
+    application checks (once, at trace time) that `op` returns vectors of `struct`'s shapes.
+    """
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), struct)
+    flat, unravel = ravel_pytree(zeros)
+    dtype = flat.dtype
+    checked = []
+
+    def ravel(tree: PyTree) -> jax.Array:
+        return jnp.asarray(ravel_pytree(tree)[0], dtype)
+
+    def matvec(x: jax.Array) -> jax.Array:
+        if checked:
+            return ravel(op(unravel(x)))
+        try:
+            out = op(unravel(x))
+        except (TypeError, ValueError) as err:
+            # Most often the structure has the wrong shapes for op: say so, not a bare dot_general.
+            raise ValueError(
+                f"{api}: `{name}` does not match what op accepts: applying op to a "
+                f"vector with the structure of `{name}` ({struct}) raised {type(err).__name__}: "
+                f"{err}"
+            ) from err
+        _check_output(out, struct, api, name)
+        checked.append(True)
+        return ravel(out)
+
+    return FlatOperator(matvec, int(flat.size), dtype, unravel, ravel)
+
+
+def gradient_form(op: Any, vector: PyTree) -> PyTree:
+    """A vector in the gradient's structure, also when given in the primals' full structure.
+
+    `op @ v` accepts both forms (static leaves repeated, or None there); the algorithms of
+    `jhvp.curvature` take the gradient's. Any other vector is returned as it is.
+    """
+    layout = getattr(op, "_tangent_layout", None)
+    if not isinstance(layout, TangentLayout):
+        return vector
+    leaves, tree = jax.tree.flatten(vector)
+    if tree != layout.diff_tree and tree == layout.full_tree:
+        return layout.diff_tree.unflatten([leaves[p] for p in layout.selection])
+    return vector
+
+
+_PROGRAMS = _cache.table("operator programs")
+
+
+def run(impl: Callable, op: Any, struct: PyTree, *args: Any, api: str, name: str = "like",
+        **config: Any) -> Any:
+    """Runs `impl(flat_op, *args, **config)` as one compiled program with `op` as an argument.
+
+    The operator's arrays are traced arguments, never closed over: closing over them bakes them
+    into the executable as constants (measured 3.4x slower on a 2M-element problem). Its other
+    leaves (functions, Python scalars) and its structure are static, keyed through the one
+    filter (`_filter.partition`), weakly: a callable passed here is not kept alive, and its
+    compiled program goes when it does. `config` is static. Inside a user's `jax.jit` this is an
+    ordinary nested call. `name` is the argument that gave `struct`, for error messages.
+    """
+    leaves, treedef, arrays, op_key = _filter.partition(op)
+    struct_leaves, struct_tree = jax.tree.flatten(struct)
+    key = (impl, op_key, struct_tree, tuple(struct_leaves), api, name,
+           tuple(sorted(config.items())))
+
+    def make_jitted(slot: _cache.Slot) -> Callable:
+        def program(arrays: list, args: tuple):
+            op = _filter.combine(arrays, slot.leaves, slot.treedef)
+            return impl(flatten(op, struct, api, name), *args, **config)
+
+        program.__name__ = program.__qualname__ = f"jhvp_{api.rpartition('.')[2]}"
+        return jax.jit(program)
+
+    entry = _cache.lookup(_PROGRAMS, key, lambda: _cache.Entry(make_jitted))
+    return entry.call(leaves, treedef, arrays, args)
+
+
+def size(struct: PyTree) -> int:
+    """Returns n, the number of scalar entries of a vector with structure `struct`."""
+    return sum(int(np.prod(s.shape, dtype=np.int64)) for s in jax.tree.leaves(struct))
