@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _checks, _filter
+from . import _checks, _filter, _select
 
 # Beyond this many entries the oldest is dropped (keys holding a fresh pure value per call).
 _MAX_ENTRIES = 4096
@@ -45,6 +45,7 @@ class CallKey:
     has_aux: bool = False
     mode: str = "fwd_rev"
     extra: tuple = ()
+    wrt: Any = None  # `_select.normalise`'s hashable form; None for the frameworks' defaults
 
 
 class Options:
@@ -65,14 +66,15 @@ _tables: dict = {}  # name -> entries, for programs keyed outside a Plan (curvat
 
 
 def options(api: str, n_primals: int, argnums: Any, has_aux: Any, mode: Any = "fwd_rev",
-            extra: tuple = ()) -> Options:
+            extra: tuple = (), wrt: Any = None) -> Options:
     """Returns the validated, interned options; invalid ones raise the same error every time.
 
     The memo is keyed on the arguments' types as well as their values, so `argnums=(0, 1.0)`
     or `(0, True)` never matches a cached `(0, 1)`.
     """
     kinds = tuple(map(type, argnums)) if type(argnums) is tuple else type(argnums)
-    raw = (api, n_primals, kinds, argnums, type(has_aux), has_aux, type(mode), mode, extra)
+    raw = (api, n_primals, kinds, argnums, type(has_aux), has_aux, type(mode), mode, extra,
+           None if wrt is None else (type(wrt), wrt))
     try:
         return _options[raw]
     except (KeyError, TypeError):  # a miss, or an unhashable argument (argnums=np.array(0))
@@ -82,7 +84,7 @@ def options(api: str, n_primals: int, argnums: Any, has_aux: Any, mode: Any = "f
     has_aux = _checks.check_has_aux(has_aux, name)
     single = not isinstance(argnums, tuple | list)
     nums = _checks.check_argnums(argnums, n_primals, name)
-    key = CallKey(api, nums, single, has_aux, mode, extra)
+    key = CallKey(api, nums, single, has_aux, mode, extra, _select.normalise(wrt, single, name))
     with _lock:
         opts = _interned.setdefault(key, Options(key))
         try:
@@ -96,24 +98,48 @@ def options(api: str, n_primals: int, argnums: Any, has_aux: Any, mode: Any = "f
 class Plan:
     """For one (options, structure): which leaves belong to f and which are differentiated.
 
-    Holds counts only (never a structure: f's comes from the running call), and the entries
-    compiled for each assignment of roles.
+    Holds counts and masks only (never a structure: f's comes from the running call), and the
+    entries compiled for each assignment of roles. `in_diff` marks the leaves of the
+    differentiated primals selected by `wrt=` or the frameworks' rules (`_select`); a callable
+    `wrt` is applied per call (`leaf_filters`).
     """
 
-    __slots__ = ("in_diff", "n_inputs", "bounds", "entries", "refs", "__weakref__")
+    __slots__ = ("in_diff", "n_inputs", "bounds", "leaf_filters", "entries", "refs",
+                 "__weakref__")
 
-    def __init__(self, treedef: Any, argnums: tuple[int, ...]):
+    def __init__(self, treedef: Any, key: CallKey, leaves: list):
         f_tree, primals_tree, _ = treedef.children()
         bounds = [f_tree.num_leaves]
         in_diff = [False] * f_tree.num_leaves
+        filters = []
         for i, tree in enumerate(primals_tree.children()):
-            bounds.append(bounds[-1] + tree.num_leaves)
-            in_diff += [i in argnums] * tree.num_leaves
+            lo = bounds[-1]
+            bounds.append(lo + tree.num_leaves)
+            if i not in key.argnums:
+                in_diff += [False] * tree.num_leaves
+                continue
+            wrt = key.wrt if key.single or key.wrt is None else key.wrt[key.argnums.index(i)]
+            mask = _select.mask(wrt, tree.unflatten(leaves[lo : bounds[-1]]), f"jhvp.{key.api}")
+            in_diff += [True] * tree.num_leaves if mask is None else mask
+            predicate = _select.leaf_predicate(wrt)
+            if predicate is not None:
+                filters.append((lo, bounds[-1], predicate))
         self.bounds = (0, *bounds)  # primal i's leaves: bounds[i + 1] .. bounds[i + 2]
         self.in_diff = tuple(in_diff)
         self.n_inputs = len(in_diff)  # leaves of f and the primals; the vectors' follow
+        self.leaf_filters = tuple(filters)
         self.entries: dict = {}
         self.refs: list = []  # weakrefs whose death evicts this plan (`lookup`)
+
+    def selected(self, leaves: list) -> tuple:
+        """`in_diff` for this call: a callable `wrt` applied to the leaves it covers."""
+        if not self.leaf_filters:
+            return self.in_diff
+        in_diff = list(self.in_diff)
+        for lo, hi, predicate in self.leaf_filters:
+            for p in range(lo, hi):
+                in_diff[p] = in_diff[p] and bool(predicate(leaves[p]))
+        return tuple(in_diff)
 
 
 def _evict(entries: dict, key: Any, _ref: Any = None) -> None:
@@ -146,13 +172,11 @@ def lookup(entries: dict, key: Any, make: Callable[[], Any]) -> Any:
         return found
 
 
-def _plan(opts: Options, treedef: Any) -> Plan:
+def _plan(opts: Options, treedef: Any, leaves: list) -> Plan:
     if _filter.is_pure(treedef):
-        plan = lookup(opts.plans, treedef, lambda: Plan(treedef, opts.key.argnums))
-    else:
-        key = _filter.structure_key(treedef)
-        plan = lookup(opts.weak_plans, key, lambda: Plan(treedef, opts.key.argnums))
-    return plan
+        return lookup(opts.plans, treedef, lambda: Plan(treedef, opts.key, leaves))
+    key = _filter.structure_key(treedef)
+    return lookup(opts.weak_plans, key, lambda: Plan(treedef, opts.key, leaves))
 
 
 def table(name: str) -> dict:
@@ -223,6 +247,12 @@ class Layout:
             full_diff.append(tuple(p - lo for p in range(lo, hi) if roles[p] is diff))
         self.diff_trees = tuple(diff_trees)
         self.full_trees = tuple(full_trees)
+        # Where the differentiated leaves sit in an nnx.State (NNX modules, one argnum only).
+        self.state_paths = None
+        if key.single:
+            i = key.argnums[0]
+            primal = trees[i].unflatten(leaves[bounds[i + 1] : bounds[i + 2]])
+            self.state_paths = _select.variable_paths(primal, full_diff[0])
         self.diff_counts = tuple(len(ps) for ps in full_diff)
         self.full_diff_positions = tuple(full_diff)
         self.diff_positions = tuple(
@@ -294,17 +324,19 @@ class Traced:
         for p in self.layout.diff_positions:
             leaf = self._leaves[p]
             if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-                _checks.check_differentiable_leaf(leaf, self._where(p), self.api)
+                self._reject(leaf, p)
             diff.append(jnp.asarray(leaf) if isinstance(leaf, float) else leaf)
         return diff
 
-    def _where(self, position: int) -> str:
-        """`primals[i]<path>` for a flat leaf position (error messages only)."""
+    def _reject(self, leaf: Any, position: int) -> None:
+        """Raises the error for a non-float differentiated leaf, naming its path and the fix."""
         bounds = self.layout.plan.bounds
         i = next(i for i in range(len(bounds) - 2) if bounds[i + 1] <= position < bounds[i + 2])
         _, primals, _ = self.rebuild(self._leaves)
         paths = jax.tree_util.tree_flatten_with_path(primals[i])[0]
-        return f"primals[{i}]{jax.tree_util.keystr(paths[position - bounds[i + 1]][0])}"
+        where = f"primals[{i}]{jax.tree_util.keystr(paths[position - bounds[i + 1]][0])}"
+        _checks.check_differentiable_leaf(leaf, where, self.api,
+                                          _select.advice(primals[i], position - bounds[i + 1]))
 
     def _checked(self, vecs: list, name: str) -> list:
         for p, t in zip(self.diff, vecs, strict=True):
@@ -368,12 +400,15 @@ def run(opts: Options, f: Callable, primals: tuple, body: Callable[[Traced], Any
     `body(traced)` is what the program computes (traced once per entry).
     """
     key = opts.key
+    if name is not None and _select.is_state(vectors):
+        return _run_with_state(opts, f, primals, body, vectors, name)
     if type(f) is _MethodType or not callable(f):
         _checks.check_callable(f, f"jhvp.{key.api}")
         f = _filter.as_pytree_callable(f)
     leaves, treedef = _tree_flatten((f, primals, vectors))
-    plan = opts.plans.get(treedef) or _plan(opts, treedef)
-    roles, dynamic = _filter.roles(leaves, plan.in_diff)
+    plan = opts.plans.get(treedef) or _plan(opts, treedef, leaves)
+    roles, dynamic = _filter.roles(leaves, plan.selected(leaves) if plan.leaf_filters
+                                   else plan.in_diff)
     entry = plan.entries.get(roles) or _entry(key, plan, roles, leaves, treedef, body, vectors,
                                               name)
     if name is None:
@@ -404,6 +439,40 @@ def _entry(key, plan, roles, leaves, treedef, body, vectors, name) -> Entry:
         return jax.jit(program)
 
     return lookup(plan.entries, roles, lambda: Entry(make_jitted, layout, selection))
+
+
+def _run_with_state(opts: Options, f: Callable, primals: tuple, body: Callable, state: Any,
+                    name: str) -> Any:
+    """A call whose vectors are an nnx.State (what nnx.grad returns): its output, as one too."""
+    key = opts.key
+    if not key.single:
+        raise TypeError(
+            f"jhvp.{key.api}: `{name}` may be an nnx.State only with a single int `argnums`; "
+            "pass module-shaped vectors (the structure of the differentiated arguments)."
+        )
+    # Run once in the full-structure form (the module itself as the vector) to find the layout.
+    primal = primals[key.argnums[0]]
+    leaves, treedef = _tree_flatten((_filter.as_pytree_callable(f), primals, primal))
+    plan = opts.plans.get(treedef) or _plan(opts, treedef, leaves)
+    roles, dynamic = _filter.roles(leaves, plan.selected(leaves))
+    entry = plan.entries.get(roles) or _entry(key, plan, roles, leaves, treedef, body, primal,
+                                              name)
+    layout = entry.layout
+    if layout.state_paths is None:
+        raise TypeError(f"jhvp.{key.api}: `{name}` is an nnx.State, but the differentiated "
+                        "argument is not an NNX module.")
+    try:
+        vecs = jax.tree.leaves(_select.from_state(state, layout.diff_trees[0],
+                                                  layout.state_paths))
+    except ValueError as err:
+        raise ValueError(f"jhvp.{key.api}: `{name}`: {err}") from None
+    out = entry.call(leaves, treedef, dynamic, vecs)
+    to_state = functools.partial(_select.to_state, like_state=state, paths=layout.state_paths)
+    if key.api == "value_grad_hvp":
+        value, grad, hv, aux = out
+        return value, to_state(grad), to_state(hv), aux
+    hv, aux = out
+    return to_state(hv), aux
 
 
 def cache_size() -> int:

@@ -90,8 +90,11 @@ def check_callable(f: Any, api: str, *, name: str = "f") -> None:
         raise TypeError(f"{api}: `{name}` must be callable, got {type(f).__name__}.")
 
 
-def check_differentiable_leaf(leaf: Any, where: str, api: str) -> None:
-    """Raises TypeError unless a differentiated leaf is real floating point."""
+def check_differentiable_leaf(leaf: Any, where: str, api: str, advice: str | None = None) -> None:
+    """Raises TypeError unless a differentiated leaf is real floating point.
+
+    `advice` says how to hold the leaf fixed in its framework's words (`_select.advice`).
+    """
     dtype = jnp.result_type(leaf)
     if jnp.issubdtype(dtype, jnp.complexfloating):
         raise TypeError(
@@ -101,11 +104,13 @@ def check_differentiable_leaf(leaf: Any, where: str, api: str) -> None:
             "and rebuild the complex value inside f."
         )
     if not jnp.issubdtype(dtype, jnp.floating):
+        advice = advice or (
+            "Cast it (e.g. `x.astype(jnp.float32)`), or hold it fixed: pass it in an argument "
+            "left out of `argnums`, as a Python int, or deselect it with `wrt=`."
+        )
         raise TypeError(
-            f"{api}: differentiated primals must have floating-point leaves, but "
-            f"{where} has dtype {dtype}. Cast it (e.g. `x.astype(jnp.float32)`), or hold it "
-            "fixed: pass it in an argument left out of `argnums`, as a Python int, or as a "
-            "static field (`eqx.field(static=True)` in an Equinox module)."
+            f"{api}: differentiated primals must have floating-point leaves, but {where} has "
+            f"dtype {dtype}. {advice}"
         )
 
 

@@ -207,6 +207,7 @@ def ggn_operator(
     *,
     argnums: int | Sequence[int] = 0,
     loss_args: Sequence[Any] = (),
+    wrt: Any = None,
 ) -> GGNOperator:
     """Returns the generalised Gauss-Newton matrix G = Jᵀ (∇²_z L) J as a `GGNOperator`.
 
@@ -231,6 +232,7 @@ def ggn_operator(
             (data, a batch).
         loss_args: Extra positional arguments of `loss` (targets): arrays are traced, other
             leaves static.
+        wrt: Which leaves of the differentiated primals are differentiated, as in `jhvp.hvp`.
 
     Returns:
         A `GGNOperator` with `op(v)`, `op @ v`, `op.value` (L) and `op.grad` (∇L).
@@ -266,7 +268,7 @@ def ggn_operator(
             f"jhvp.{api}: `loss_args` must be a tuple (or list) of loss's extra positional "
             f"arguments, got {type(loss_args).__name__}. For one target y, pass `loss_args=(y,)`."
         )
-    opts = _cache.options(api, len(primals), argnums, False)
+    opts = _cache.options(api, len(primals), argnums, False, wrt=wrt)
     problem = _GaussNewtonProblem(model, loss, tuple(loss_args))
     return _cache.run(opts, problem, primals, _ggn_body)
 
@@ -276,6 +278,7 @@ def empirical_fisher_operator(
     primals: Sequence[Any],
     *,
     argnums: int | Sequence[int] = 0,
+    wrt: Any = None,
 ) -> FisherOperator:
     """Returns the empirical Fisher F = (1/N) JᵀJ, J = ∂ℓ/∂θ, as a `FisherOperator`.
 
@@ -295,6 +298,7 @@ def empirical_fisher_operator(
             real vector of N per-example losses (e.g. `jax.vmap` of a one-example loss).
         primals: A tuple of its positional arguments, each any pytree.
         argnums: Which arguments are differentiated, as in `jax.grad`.
+        wrt: Which leaves of the differentiated primals are differentiated, as in `jhvp.hvp`.
 
     Returns:
         A `FisherOperator` with `op(v)`, `op @ v`, `op.value` (mean ℓ) and `op.grad` (∇ mean ℓ).
@@ -319,5 +323,5 @@ def empirical_fisher_operator(
     api = "empirical_fisher_operator"
     per_example_loss = _callable(per_example_loss, "per_example_loss", f"jhvp.{api}")
     primals = _checks.check_primals(primals, f"jhvp.{api}")
-    opts = _cache.options(api, len(primals), argnums, False)
+    opts = _cache.options(api, len(primals), argnums, False, wrt=wrt)
     return _cache.run(opts, per_example_loss, primals, _fisher_body)

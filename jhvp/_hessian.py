@@ -109,6 +109,7 @@ def hessian_operator(
     argnums: int | Sequence[int] = 0,
     has_aux: bool = False,
     strategy: Strategy = "auto",
+    wrt: Any = None,
 ) -> HessianOperator:
     """Returns the Hessian H = ∇²f(primals) as a `HessianOperator` that applies H·v.
 
@@ -135,6 +136,8 @@ def hessian_operator(
         has_aux: Whether f returns `(scalar, aux)`; aux is kept as `op.aux`.
         strategy: "auto" (default; see above), "linearize" (always store the residuals) or
             "recompute" (store the primals, recompute per application).
+        wrt: Which leaves are differentiated, as in `hvp` (NNX modules: `nnx.Param` only by
+            default); the operator then acts on those leaves only (a Hessian block).
 
     Returns:
         A `HessianOperator` with `op(v)`, `op @ v`, `op.value`, `op.grad`, `op.aux`.
@@ -158,7 +161,7 @@ def hessian_operator(
     api = "hessian_operator"
     primals = _checks.check_primals(primals, f"jhvp.{api}")
     _checks.check_choice(strategy, STRATEGIES, "strategy", f"jhvp.{api}", plural="strategies")
-    opts = _cache.options(api, len(primals), argnums, has_aux, "fwd_rev", (strategy,))
+    opts = _cache.options(api, len(primals), argnums, has_aux, "fwd_rev", (strategy,), wrt)
     return _cache.run(opts, f, primals, _body)
 
 

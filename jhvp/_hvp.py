@@ -23,25 +23,25 @@ def _value_grad_hvp_body(t: _cache.Traced) -> tuple:
     return value, t.unflatten(grad), t.unflatten(hv), t.aux(aux)
 
 
-def _product(api: str, f, primals, vectors, argnums, has_aux, mode, body=_product_body,
+def _product(api: str, f, primals, vectors, argnums, has_aux, mode, wrt, body=_product_body,
              name="tangents"):
     if type(primals) is not tuple:
         primals = _checks.check_primals(primals, f"jhvp.{api}")
-    opts = _cache.options(api, len(primals), argnums, has_aux, mode)
+    opts = _cache.options(api, len(primals), argnums, has_aux, mode, wrt=wrt)
     return _cache.run(opts, f, primals, body, vectors, name)
 
 
 @overload
 def hvp(
     f: Callable, primals: Sequence[Any], tangents: PyTree, *, argnums: int | Sequence[int] = 0,
-    has_aux: Literal[False] = False, mode: Mode = "fwd_rev",
+    has_aux: Literal[False] = False, mode: Mode = "fwd_rev", wrt: Any = None,
 ) -> PyTree: ...
 @overload
 def hvp(
     f: Callable, primals: Sequence[Any], tangents: PyTree, *, argnums: int | Sequence[int] = 0,
-    has_aux: Literal[True], mode: Mode = "fwd_rev",
+    has_aux: Literal[True], mode: Mode = "fwd_rev", wrt: Any = None,
 ) -> tuple[PyTree, Any]: ...
-def hvp(f, primals, tangents, *, argnums=0, has_aux=False, mode="fwd_rev"):
+def hvp(f, primals, tangents, *, argnums=0, has_aux=False, mode="fwd_rev", wrt=None):
     """Computes H·v where H = ∇²f(primals), the Hessian with respect to the `argnums` arguments.
 
     Forward-over-reverse by default (`jax.jvp` of `jax.grad`): about the cost of two to three
@@ -65,15 +65,24 @@ def hvp(f, primals, tangents, *, argnums=0, has_aux=False, mode="fwd_rev"):
         tangents: The vector v, with the structure of the differentiated primals: arrays at the
             differentiated leaves and None elsewhere (a single pytree for an int `argnums`, a
             tuple of pytrees for a tuple `argnums`); the primals' own structure, static leaves
-            repeated, is accepted too.
+            repeated, is accepted too, and for an NNX module an `nnx.State` of the
+            differentiated variables (what `nnx.grad` returns).
         argnums: Which arguments are differentiated, as in `jax.grad`; the others are constants
             (data, a batch).
         has_aux: Whether f returns `(scalar, aux)`; aux comes back exactly as f returned it.
         mode: The AD route: "fwd_rev" (forward-over-reverse, the fastest), "rev_rev"
             (reverse-over-reverse, the most memory) or "rev_fwd" (reverse-over-forward).
+        wrt: Which leaves of the differentiated arguments are differentiated: a pytree
+            prefix of bools (`{"w": True, "b": False}`: the Hessian block of w), a callable on
+            a leaf (`eqx.is_inexact_array`), or an NNX filter (`nnx.Param`); a tuple of them
+            for a tuple `argnums`. Default: every floating-point leaf, but only `nnx.Param`
+            in a Flax NNX module and only "params" in a linen `{"params", "batch_stats"}`
+            dict, as those frameworks' own `grad` do.
 
     Returns:
-        H·v with the structure of `tangents`; `(hv, aux)` when `has_aux=True`.
+        H·v in the gradient's structure (arrays at the differentiated leaves, None elsewhere),
+        or an `nnx.State` like `tangents` when `tangents` is one; `(hv, aux)` when
+        `has_aux=True`.
 
     Raises:
         TypeError: `primals` is not a tuple or list; f's output is not a real scalar; a
@@ -92,21 +101,21 @@ def hvp(f, primals, tangents, *, argnums=0, has_aux=False, mode="fwd_rev"):
         >>> print(hv["w"], hv["b"])  # H = diag(6w, 2)
         [ 6. 12.] 2.0
     """
-    hv, aux = _product("hvp", f, primals, tangents, argnums, has_aux, mode)
+    hv, aux = _product("hvp", f, primals, tangents, argnums, has_aux, mode, wrt)
     return hv if aux is None else (hv, _cache.merge_aux(aux))
 
 
 @overload
 def vhp(
     f: Callable, primals: Sequence[Any], cotangents: PyTree, *,
-    argnums: int | Sequence[int] = 0, has_aux: Literal[False] = False,
+    argnums: int | Sequence[int] = 0, has_aux: Literal[False] = False, wrt: Any = None,
 ) -> PyTree: ...
 @overload
 def vhp(
     f: Callable, primals: Sequence[Any], cotangents: PyTree, *,
-    argnums: int | Sequence[int] = 0, has_aux: Literal[True],
+    argnums: int | Sequence[int] = 0, has_aux: Literal[True], wrt: Any = None,
 ) -> tuple[PyTree, Any]: ...
-def vhp(f, primals, cotangents, *, argnums=0, has_aux=False):
+def vhp(f, primals, cotangents, *, argnums=0, has_aux=False, wrt=None):
     """Computes vᵀH where H = ∇²f(primals), by reverse-over-reverse differentiation.
 
     Equal to `hvp` because H is symmetric, and provided for code that thinks in cotangents (and
@@ -120,6 +129,7 @@ def vhp(f, primals, cotangents, *, argnums=0, has_aux=False):
         cotangents: The vector v, with the structure of the differentiated primals.
         argnums: Which arguments are differentiated, as in `jax.grad`.
         has_aux: Whether f returns `(scalar, aux)`.
+        wrt: Which leaves are differentiated, as in `hvp`.
 
     Returns:
         vᵀH with the structure of `cotangents`; `(vh, aux)` when `has_aux=True`.
@@ -134,7 +144,7 @@ def vhp(f, primals, cotangents, *, argnums=0, has_aux=False):
         >>> print(jhvp.vhp(lambda x: jnp.sum(x ** 3), (x,), v))
         [6. 0.]
     """
-    vh, aux = _product("vhp", f, primals, cotangents, argnums, has_aux, "rev_rev",
+    vh, aux = _product("vhp", f, primals, cotangents, argnums, has_aux, "rev_rev", wrt,
                        name="cotangents")
     return vh if aux is None else (vh, _cache.merge_aux(aux))
 
@@ -142,14 +152,14 @@ def vhp(f, primals, cotangents, *, argnums=0, has_aux=False):
 @overload
 def value_grad_hvp(
     f: Callable, primals: Sequence[Any], tangents: PyTree, *,
-    argnums: int | Sequence[int] = 0, has_aux: Literal[False] = False,
+    argnums: int | Sequence[int] = 0, has_aux: Literal[False] = False, wrt: Any = None,
 ) -> tuple[jax.Array, PyTree, PyTree]: ...
 @overload
 def value_grad_hvp(
     f: Callable, primals: Sequence[Any], tangents: PyTree, *,
-    argnums: int | Sequence[int] = 0, has_aux: Literal[True],
+    argnums: int | Sequence[int] = 0, has_aux: Literal[True], wrt: Any = None,
 ) -> tuple[tuple[jax.Array, Any], PyTree, PyTree]: ...
-def value_grad_hvp(f, primals, tangents, *, argnums=0, has_aux=False):
+def value_grad_hvp(f, primals, tangents, *, argnums=0, has_aux=False, wrt=None):
     """Computes f(primals), ∇f(primals) and H·v together, in one forward-over-reverse pass.
 
     The value and the gradient are by-products of the pass that forms H·v, so a Newton-type step
@@ -161,6 +171,7 @@ def value_grad_hvp(f, primals, tangents, *, argnums=0, has_aux=False):
         tangents: The vector v, with the structure of the differentiated primals.
         argnums: Which arguments are differentiated, as in `jax.grad`.
         has_aux: Whether f returns `(scalar, aux)`.
+        wrt: Which leaves are differentiated, as in `hvp`.
 
     Returns:
         `(value, grad, hv)`; with `has_aux=True`, `((value, aux), grad, hv)`.
@@ -177,5 +188,5 @@ def value_grad_hvp(f, primals, tangents, *, argnums=0, has_aux=False):
         9.0 [ 3. 12.] [ 6. 12.]
     """
     value, grad, hv, aux = _product("value_grad_hvp", f, primals, tangents, argnums, has_aux,
-                                    "fwd_rev", _value_grad_hvp_body)
+                                    "fwd_rev", wrt, _value_grad_hvp_body)
     return (value if aux is None else (value, _cache.merge_aux(aux))), grad, hv

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import _cache, _checks, _filter
+from . import _cache, _checks, _filter, _select
 from ._typing import PyTree
 
 
@@ -32,12 +32,13 @@ class TangentLayout:
     diff_tree: Any
     full_tree: Any
     selection: tuple[int, ...]
+    state_paths: tuple | None = None  # NNX modules: the differentiated variables' paths
 
     @staticmethod
     def of(layout: _cache.Layout) -> TangentLayout:
         """Returns the layout of one cache entry's tangents."""
         diff_tree, full_tree = layout.tangent_trees
-        return TangentLayout(diff_tree, full_tree, layout.full_selection)
+        return TangentLayout(diff_tree, full_tree, layout.full_selection, layout.state_paths)
 
 
 class SymmetricOperator:
@@ -54,11 +55,15 @@ class SymmetricOperator:
     _tangent_layout: TangentLayout
 
     def __call__(self, tangents: PyTree) -> PyTree:
-        """Returns A·tangents, with the structure of the gradient."""
+        """Returns A·tangents in the gradient's structure (an nnx.State for an nnx.State)."""
+        if _select.is_state(tangents):
+            layout = self._tangent_layout
+            out = apply_jitted(self, jax.tree.leaves(gradient_form(self, tangents)))
+            return _select.to_state(out, tangents, layout.state_paths)
         return apply_jitted(self, self._tangent_leaves(tangents))
 
     def __matmul__(self, tangents: PyTree) -> PyTree:
-        return apply_jitted(self, self._tangent_leaves(tangents))
+        return self(tangents)
 
     def _tangent_leaves(self, tangents: PyTree) -> list:
         leaves, tree = jax.tree.flatten(tangents)
@@ -267,12 +272,21 @@ def flatten(op: Any, struct: PyTree, api: str, name: str = "like") -> FlatOperat
 def gradient_form(op: Any, vector: PyTree) -> PyTree:
     """A vector in the gradient's structure, also when given in the primals' full structure.
 
-    `op @ v` accepts both forms (static leaves repeated, or None there); the algorithms of
-    `jhvp.curvature` take the gradient's. Any other vector is returned as it is.
+    `op @ v` accepts both forms (static leaves repeated, or None there), and for an NNX module
+    an `nnx.State` (what `nnx.grad` returns); the algorithms of `jhvp.curvature` take the
+    gradient's. Any other vector is returned as it is.
     """
     layout = getattr(op, "_tangent_layout", None)
     if not isinstance(layout, TangentLayout):
         return vector
+    if _select.is_state(vector):
+        if layout.state_paths is None:
+            raise TypeError(f"jhvp.{type(op).__name__}: an nnx.State vector, but the operator "
+                            "was not built from an NNX module.")
+        try:
+            return _select.from_state(vector, layout.diff_tree, layout.state_paths)
+        except ValueError as err:
+            raise ValueError(f"jhvp.{type(op).__name__}: {err}") from None
     leaves, tree = jax.tree.flatten(vector)
     if tree != layout.diff_tree and tree == layout.full_tree:
         return layout.diff_tree.unflatten([leaves[p] for p in layout.selection])
