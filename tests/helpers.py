@@ -27,6 +27,61 @@ def tree_allclose(a, b, rtol=RTOL, atol=ATOL):
     return True
 
 
+# ---- agreement to rounding --------------------------------------------------------------------
+
+EPS = float(jnp.finfo(DTYPE).eps)
+# Two programs that compute the same thing in a different order (vmapped vs unbatched, chunked
+# vs not, inside an outer jit vs not, a matrix as a constant vs as an argument) agree to
+# rounding, not bitwise: XLA picks other kernels, blockings and summation orders for each. One
+# step of an algorithm (an operator application, the length-n reductions around it) reorders
+# sums of n terms, and a reordered sum moves by about √n ulps of its terms' scale (rounding
+# errors add like a random walk: Higham & Mary 2019, "A new approach to probabilistic rounding
+# error analysis"); these tests keep n ≤ 100, so 10 ulps a step.
+ROUNDING_PER_STEP = 10
+
+
+def rounding_tol(steps, amplification=1.0):
+    """The relative tolerance between two orderings of `steps` sequential steps.
+
+    `amplification` is the condition number of the compared quantity where it is not 1: how
+    far a relative perturbation of the input moves it (‖A‖/gap for an eigenvector, κ(A) for
+    a solve, ‖A‖/σ for a density smoothed with width σ).
+    """
+    return ROUNDING_PER_STEP * steps * EPS * amplification
+
+
+def assert_rounding_close(actual, expected, *, steps, amplification=1.0, scale=None):
+    """Each leaf of `actual` within `rounding_tol(steps, amplification) * scale` of `expected`.
+
+    `scale` defaults to each expected leaf's largest |entry|: rounding errors are absolute at
+    the scale of the largest values a result is computed from, so an entry near zero carries
+    the error of the large ones and an entry-wise relative test fails there.
+    """
+    la, ta = jax.tree.flatten(actual)
+    lb, tb = jax.tree.flatten(expected)
+    assert ta == tb, f"structures differ: {ta} vs {tb}"
+    tol = rounding_tol(steps, amplification)
+    for x, y in zip(la, lb, strict=True):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        assert x.shape == y.shape, (x.shape, y.shape)
+        s = float(np.max(np.abs(y), initial=0.0)) if scale is None else float(scale)
+        np.testing.assert_allclose(x, y, rtol=0, atol=tol * s,
+                                   err_msg=f"{steps} steps, amplification {amplification:.3g}")
+    return True
+
+
+def assert_estimates_close(actual, expected, m):
+    """Trace or diagonal estimates of the same m probes, computed in another order, to rounding.
+
+    Rounding moves each probe's sample by a few ulps of the samples' scale, |estimate| + √m ×
+    stderr (the mean plus the samples' spread), and the mean and the spread with it.
+    """
+    scale = np.abs(np.asarray(expected.estimate)).max() + np.sqrt(m) * np.abs(
+        np.asarray(expected.stderr)).max()
+    assert_rounding_close(actual.estimate, expected.estimate, steps=m, scale=scale)
+    assert_rounding_close(actual.stderr, expected.stderr, steps=m, scale=scale)
+
+
 def counting(fn):
     """fn wrapped to count its calls (so, under jit, its traces): (wrapped, list of calls)."""
     calls = []

@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import DTYPE, X64, mlp_problem
+from helpers import DTYPE, X64, assert_rounding_close, mlp_problem
 from jax.flatten_util import ravel_pytree
 
 import jhvp
-from jhvp.curvature import _probes, spectral_density
+from jhvp.curvature import _sketch, spectral_density
 
 KEY = jax.random.key(0)
 
@@ -23,6 +23,28 @@ def sym_matrix(eigenvalues, seed=0):
 def gaussian_mixture(grid, centres, weights, sigma):
     z = (np.asarray(grid, np.float64)[:, None] - np.asarray(centres, np.float64)[None, :]) / sigma
     return np.exp(-0.5 * z**2) @ np.asarray(weights, np.float64) / (np.sqrt(2 * np.pi) * sigma)
+
+
+def assert_density_close(actual, expected, steps):
+    """Two estimates from the same probes, computed in a different order, agree to rounding.
+
+    Lanczos is backward stable: a few ulps of ‖A‖ a step. Ritz values move by no more than
+    that (Weyl), so nodes and grid compare on the spectrum's scale; a weight is a squared
+    eigenvector component of T, conditioned by scale/gap to the probe's nearest other node
+    (Davis-Kahan); the density sums Gaussians of width σ, which a node shift δ moves by about
+    δ/σ of their height (nodes closer than σ trade weight without moving it).
+    """
+    nodes = np.asarray(expected.nodes, np.float64)
+    scale = np.abs(nodes).max()
+    gap = np.diff(np.sort(nodes, axis=1), axis=1).min()
+    grid = np.asarray(expected.grid, np.float64)
+    sigma = ((grid[-1] - grid[0]) - (nodes.max() - nodes.min())) / 10  # 5σ past either end
+    assert_rounding_close(actual.nodes, expected.nodes, steps=steps, scale=scale)
+    assert_rounding_close(actual.grid, expected.grid, steps=steps)
+    assert_rounding_close(actual.weights, expected.weights, steps=steps, scale=1.0,
+                          amplification=scale / gap)
+    assert_rounding_close(actual.density, expected.density, steps=steps,
+                          amplification=scale / sigma)
 
 
 def test_gauss_quadrature_is_exact():
@@ -40,7 +62,7 @@ def test_gauss_quadrature_is_exact():
     part = spectral_density(lambda v: Aj @ v, KEY, num_probes=3, num_matvecs=m, like=like)
     np.testing.assert_allclose(np.sum(np.asarray(part.weights), axis=1), 1.0, atol=tol)
     for i in range(3):
-        v = np.asarray(_probes.rademacher(KEY, i, n, DTYPE), np.float64)
+        v = np.asarray(_sketch.rademacher(KEY, i, n, DTYPE), np.float64)
         assert set(np.unique(v)) <= {-1.0, 1.0}
         nodes, weights = (np.asarray(x[i], np.float64) for x in (part.nodes, part.weights))
         for p in range(2 * m):
@@ -85,8 +107,8 @@ def test_batch_size_never_changes_the_result(batch_size):
     whole = spectral_density(lambda v: A @ v, KEY, num_probes=10, num_matvecs=12, like=like)
     chunked = spectral_density(lambda v: A @ v, KEY, num_probes=10, num_matvecs=12, like=like,
                                batch_size=batch_size)
-    for a, b in zip(whole, chunked, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # A vmapped chunk and the whole batch are different programs: equal to rounding, not bitwise.
+    assert_density_close(chunked, whole, steps=12)
 
 
 def test_runs_under_jit_with_the_operator_as_argument():
@@ -94,23 +116,21 @@ def test_runs_under_jit_with_the_operator_as_argument():
     op = jhvp.hessian_operator(f, primals)
     run = jax.jit(lambda op, key: spectral_density(op, key, num_probes=3, num_matvecs=10))
     a, b = run(op, KEY), spectral_density(op, KEY, num_probes=3, num_matvecs=10)
-    np.testing.assert_allclose(a.density, b.density, rtol=1e-4, atol=1e-6)
+    assert_density_close(a, b, steps=10)
 
 
 def test_probes_and_map_probes():
     n = 1000
-    signs = np.stack([np.asarray(_probes.rademacher(KEY, i, n, DTYPE)) for i in range(4)])
+    signs = np.stack([np.asarray(_sketch.rademacher(KEY, i, n, DTYPE)) for i in range(4)])
     assert signs.dtype == np.dtype(DTYPE) and set(np.unique(signs)) == {-1.0, 1.0}
     assert abs(signs.mean()) < 0.1 and not np.array_equal(signs[0], signs[1])
     assert abs(np.corrcoef(signs[0], signs[1])[0, 1]) < 0.15
-    g = _probes.normal(KEY, 2, n, DTYPE)
-    assert g.shape == (n,) and abs(float(jnp.std(g)) - 1) < 0.1
-    fn = lambda i: {"x": _probes.normal(KEY, i, 5, DTYPE), "i": i}
+    fn = lambda i: {"x": jax.random.normal(jax.random.fold_in(KEY, i), (5,), DTYPE), "i": i}
     ref = jax.vmap(fn)(jnp.arange(2, 9))
     for b in (None, 1, 3, 7, 100):
-        out = _probes.map_probes(fn, 7, b, start=2)
+        out = _sketch.map_probes(fn, 7, b, start=2)
         np.testing.assert_array_equal(out["i"], np.arange(2, 9))
-        np.testing.assert_allclose(out["x"], ref["x"], rtol=1e-6)
+        assert_rounding_close(out["x"], ref["x"], steps=1)  # elementwise: one step
 
 
 def test_errors():

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.sparse.linalg
-from helpers import DTYPE, X64, mlp_problem, quadratic, rosenbrock
+from helpers import DTYPE, X64, assert_rounding_close, mlp_problem, quadratic, rosenbrock
 from jax.flatten_util import ravel_pytree
 
 import jhvp
@@ -42,7 +42,9 @@ def assert_pairs(out, A, which, k):
     overlap = np.abs(np.sum(Y * U[:, order].T, axis=1))
     np.testing.assert_allclose(overlap, 1.0, atol=1e-6 if X64 else 1e-3)
     true_residual = np.linalg.norm(Y @ A - np.asarray(out.eigenvalues)[:, None] * Y, axis=1)
-    floor = (1e-12 if X64 else 1e-4) * scale
+    # eigh's default partial reorthogonalisation keeps the basis, and so the Ritz vectors,
+    # orthogonal to √ε, not ε (Simon 1984): their true residuals have that floor.
+    floor = np.sqrt(float(jnp.finfo(DTYPE).eps)) * scale
     assert np.all(true_residual <= 10 * np.asarray(out.residual_norms) + floor)
 
 
@@ -132,7 +134,9 @@ def test_jit_with_operator_as_argument_traces_once():
     for out, A in zip(outs, (A1, A2), strict=True):
         assert_pairs(out, A, "LA", 2)
     jitted = jax.jit(lambda op, key: eigh(op, key, 2, num_matvecs=30, like=like))(ops[0], KEY)
-    np.testing.assert_allclose(jitted.eigenvalues, outs[0].eigenvalues, rtol=RTOL)
+    # Inside the user's jit XLA may fuse differently: equal to rounding (Weyl: on ‖A‖'s scale).
+    assert_rounding_close(jitted.eigenvalues, outs[0].eigenvalues, steps=30,
+                          scale=np.abs(SPECTRUM).max())
 
 
 class ScaledTanh(eqx.Module):

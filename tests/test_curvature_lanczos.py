@@ -135,7 +135,7 @@ def test_errors():
         lanczos(lambda v: A @ v, v0, 2.0)
     with pytest.raises(ValueError, match=r"unknown `reortho` 'selective'.*'full', 'partial', 'none'"):
         lanczos(lambda v: A @ v, v0, 2, reortho="selective")
-    with pytest.raises(ValueError, match=r"`like` does not match what op returns.*shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"`v0` does not match what op returns.*shape \(4,\)"):
         lanczos(lambda v: jnp.concatenate([v, v]), v0, 2)
     with pytest.raises(TypeError, match=r"`v0`\['a'\] has dtype int32"):
         lanczos(lambda v: v, {"a": jnp.ones(3, jnp.int32)}, 2)
