@@ -5,8 +5,8 @@ same protocol), or any symmetric linear callable `v -> A v` on pytrees together 
 pytree of arrays or `jax.ShapeDtypeStruct` with the structure of v. Each call runs as one
 compiled program with the operator's arrays as arguments; it composes with `jax.jit`.
 Randomised methods take a PRNG key and draw probe i from `jax.random.fold_in(key, i)`, so
-`batch_size` changes memory use, never results. Budgets count operator applications
-(`num_matvecs`), and results are NamedTuples.
+`batch_size` changes memory use, and results only by rounding. Budgets count operator
+applications (`num_matvecs`), and results are NamedTuples.
 
 Examples:
     >>> import jax, jax.numpy as jnp, jhvp
