@@ -3,7 +3,8 @@
 `to_scipy` and `to_lineax` take what `jhvp.curvature` takes: a `jhvp.HessianOperator` (or another
 jhvp operator), or any symmetric linear callable `v -> A v` on pytrees together with `like=`, a
 pytree of arrays or `jax.ShapeDtypeStruct` with the structure of v. `scipy_objective` turns a JAX
-loss into the `fun`, `jac` and `hessp` that `scipy.optimize.minimize` calls.
+loss into the `fun`, `jac` and `hessp` that `scipy.optimize.minimize` calls; it warns with
+`PrecisionWarning` when the loss computes in less than SciPy's float64.
 
 SciPy and Lineax are optional: each function imports its library when called, and says which
 extra to install when it is missing.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -56,6 +58,11 @@ def to_scipy(op: Any, *, like: PyTree = None) -> Any:
     copied back to the host as float64; `matmat` applies a block of columns in one
     `jax.vmap`-ed call. The operator is symmetric: `rmatvec` is `matvec`, `rmatmat` is `matmat`.
 
+    A complex vector or block gives a complex128 result, as `scipy.sparse.linalg.aslinearoperator`
+    of a float64 matrix does (so `gmres` or `cg` accept a complex right-hand side): A is real,
+    so A(x + iy) = Ax + iAy, and the real and imaginary parts go through the operator together,
+    as the columns of one compiled `matmat` call. The declared `dtype` stays float64, as SciPy's.
+
     Args:
         op: A jhvp operator, or a symmetric linear callable `v -> A v` on pytrees.
         like: The structure of v: a pytree of arrays or `jax.ShapeDtypeStruct`. Required for a
@@ -82,19 +89,33 @@ def to_scipy(op: Any, *, like: PyTree = None) -> Any:
         >>> B = to_scipy(lambda v: {"w": 2.0 * v["w"]}, like={"w": jnp.zeros(3)})
         >>> B.matmat(np.eye(3))[:, 0]
         array([2., 0., 0.])
+        >>> A @ np.array([1.0 + 1.0j, 0.0])  # complex in, complex out: A x + i A y
+        array([6.+6.j, 0.+0.j])
     """
     sla = _require("scipy.sparse.linalg", "scipy", "to_scipy")
     struct = _protocol.structure(op, like, "jhvp.to_scipy")
     n = sum(math.prod(s.shape) for s in jax.tree.leaves(struct))
 
+    def real_matmat(xs: np.ndarray) -> np.ndarray:
+        out = _protocol.run(_matmat, op, struct, xs, api="jhvp.to_scipy")
+        return np.array(out, dtype=np.float64)
+
     def matvec(x: np.ndarray) -> np.ndarray:
         # scipy may pass an (n, 1) column; it reshapes what comes back itself.
-        y = _protocol.run(_matvec, op, struct, np.reshape(x, (n,)), api="jhvp.to_scipy")
+        x = np.reshape(x, (n,))
+        if np.iscomplexobj(x):  # A real: A(x + iy) = Ax + iAy, both in one call
+            out = real_matmat(np.stack([x.real, x.imag], axis=1))
+            return out[:, 0] + 1j * out[:, 1]
+        y = _protocol.run(_matvec, op, struct, x, api="jhvp.to_scipy")
         return np.array(y, dtype=np.float64)
 
     def matmat(xs: np.ndarray) -> np.ndarray:
-        out = _protocol.run(_matmat, op, struct, xs, api="jhvp.to_scipy")
-        return np.array(out, dtype=np.float64)
+        xs = np.asarray(xs)
+        if np.iscomplexobj(xs):
+            k = xs.shape[1]
+            out = real_matmat(np.concatenate([xs.real, xs.imag], axis=1))
+            return out[:, :k] + 1j * out[:, k:]
+        return real_matmat(xs)
 
     return sla.LinearOperator(
         (n, n), matvec=matvec, rmatvec=matvec, matmat=matmat, rmatmat=matmat, dtype=np.float64
@@ -142,6 +163,24 @@ def to_lineax(op: Any, *, psd: bool = False, like: PyTree = None) -> Any:
     return lx.FunctionLinearOperator(op, struct, tags)
 
 
+class PrecisionWarning(UserWarning):
+    """`scipy_objective` computes in a lower precision than SciPy's float64 (e.g. float32).
+
+    SciPy's optimizers then see rounding noise in f, ∇f and H·p, and may stop with messages
+    that do not name the cause. Pass `dtype=` to `scipy_objective` to choose the precision.
+    """
+
+
+def _cast_data(x: Any, dtype: np.dtype) -> Any:
+    """A fixed floating (or complex) array in `dtype` (or its complex counterpart)."""
+    if x is None:
+        return None
+    kind = jnp.result_type(x)
+    if jnp.issubdtype(kind, jnp.complexfloating):
+        return x.astype(np.complex128 if dtype == np.float64 else np.complex64)
+    return x.astype(dtype) if jnp.issubdtype(kind, jnp.floating) else x
+
+
 class ScipyObjective:
     """A loss f as `scipy.optimize.minimize` calls it: float64 numpy vectors in and out.
 
@@ -151,21 +190,27 @@ class ScipyObjective:
 
     Attributes:
         x0: The starting point: the differentiated primals, flat, float64.
+        dtype: The dtype f is evaluated in: the differentiated primals' (after `dtype=`).
     """
 
     def __init__(
-        self, f: Callable, primals: tuple, argnums: tuple[int, ...], single: bool, api: str
+        self, f: Callable, primals: tuple, argnums: tuple[int, ...], single: bool, api: str,
+        dtype: np.dtype | None = None,
     ):
         diff = tuple(primals[i] for i in argnums)
+        if dtype is not None:
+            diff = jax.tree.map(lambda x: jnp.asarray(x, dtype), diff)
         flat0, unravel = ravel_pytree(diff)
         self.x0: np.ndarray = np.array(flat0, dtype=np.float64)
         self._single = single
-        self._dtype = flat0.dtype
+        self.dtype: np.dtype = np.dtype(flat0.dtype)
         self._unravel = unravel
         # The fixed primals, split by the one filter: arrays are arguments, the rest static.
         fixed = tuple(None if i in argnums else p for i, p in enumerate(primals))
         leaves, treedef, self._data, _ = _filter.partition(fixed)
-        dtype = self._dtype
+        if dtype is not None:
+            self._data = [_cast_data(x, dtype) for x in self._data]
+        dtype = self.dtype
 
         def loss(flat: jax.Array, data: list) -> jax.Array:
             args = list(_filter.combine(data, leaves, treedef))
@@ -173,7 +218,8 @@ class ScipyObjective:
                 args[i] = x
             return f(*args)
 
-        _checks.check_scalar_output(jax.eval_shape(loss, flat0, self._data), False, api)
+        out = _checks.check_scalar_output(jax.eval_shape(loss, flat0, self._data), False, api)
+        self._out_dtype = np.dtype(out.dtype)
 
         def value_and_grad(x: jax.Array, data: list) -> tuple[jax.Array, jax.Array]:
             return jax.value_and_grad(loss)(x.astype(dtype), data)
@@ -211,16 +257,69 @@ class ScipyObjective:
         return np.array(out, dtype=np.float64)
 
     def unravel(self, x: ArrayLike) -> PyTree:
-        """Returns the flat vector x as the differentiated primal(s), in their dtypes."""
-        out = self._unravel(jnp.asarray(np.asarray(x), self._dtype))
+        """Returns the flat vector x as the differentiated primal(s), in `self.dtype`."""
+        out = self._unravel(jnp.asarray(np.asarray(x), self.dtype))
         return out[0] if self._single else out
 
     def __repr__(self) -> str:
         return f"ScipyObjective(n={self.x0.size})"
 
 
+def _check_dtype(dtype: Any, api: str) -> np.dtype | None:
+    """Returns `dtype=` as a NumPy dtype: None, or a real floating dtype JAX can compute in."""
+    if dtype is None:
+        return None
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(
+            f"{api}: `dtype` must be a real floating-point dtype such as jnp.float64, got "
+            f"{dtype!r}."
+        )
+    if dt == np.float64 and not jax.config.jax_enable_x64:
+        raise TypeError(
+            f"{api}: dtype=float64 needs JAX's 64-bit mode, which is off: JAX would compute in "
+            'float32. Enable it at startup with `jax.config.update("jax_enable_x64", True)` '
+            "(before creating arrays), or set the environment variable JAX_ENABLE_X64=1."
+        )
+    return dt
+
+
+def _precision_warning(obj: ScipyObjective, requested: np.dtype | None, api: str) -> str | None:
+    """The warning's text when f computes below float64 in a dtype nobody asked for, else None."""
+    cast_down = jnp.finfo(obj._out_dtype).bits < jnp.finfo(obj.dtype).bits
+    low = obj._out_dtype if cast_down else obj.dtype
+    if jnp.finfo(low).bits >= 64 or low == requested:
+        return None
+    source = f"f returns {low}" if cast_down else f"the differentiated primals are {low}"
+    fixes = []
+    if cast_down:
+        fixes.append(f"return f's value in {obj.dtype}, as its primals (not cast to {low})")
+    if jnp.finfo(obj.dtype).bits < 64:
+        fixes.append("pass `dtype=jnp.float64` (it casts the differentiated primals and "
+                     "floating data)")
+        if not jax.config.jax_enable_x64:
+            fixes[-1] += (' after enabling JAX\'s 64-bit mode: `jax.config.update('
+                          '"jax_enable_x64", True)` at startup, or JAX_ENABLE_X64=1')
+    fix = " and ".join(fixes)
+    return (
+        f"{api}: {source}, so f, its gradient and H·p are computed in {low} while "
+        "SciPy's optimizers work in float64; their line searches and trust regions then see "
+        "rounding noise and can stop early or fail with messages that do not name the cause "
+        '("A bad approximation caused failure to predict improvement", "Desired error not '
+        f'necessarily achieved due to precision loss"). To fix it, {fix}. To keep {low} on '
+        f"purpose, pass `dtype=jnp.{low}`, which silences this warning."
+    )
+
+
 def scipy_objective(
-    f: Callable, primals: Sequence[Any], *, argnums: int | Sequence[int] = 0
+    f: Callable,
+    primals: Sequence[Any],
+    *,
+    argnums: int | Sequence[int] = 0,
+    dtype: Any = None,
 ) -> ScipyObjective:
     """Returns f as a `ScipyObjective`: `fun`, `jac` and `hessp` on flat float64 vectors.
 
@@ -230,26 +329,42 @@ def scipy_objective(
     cost one evaluation; `hessp` is one compiled forward-over-reverse H·p. Each is compiled once
     per `ScipyObjective`. SciPy itself is not needed to build one.
 
+    f is evaluated in the differentiated primals' dtype. SciPy works in float64; under JAX's
+    default (float32) its optimizers see rounding noise and may fail with messages that point
+    elsewhere, so this warns once, when built, unless `dtype=` asked for that precision. For
+    float64, enable x64 and pass `dtype=jnp.float64`.
+
     Args:
         f: A function of `*primals` returning a real scalar.
         primals: A tuple of f's positional arguments; the differentiated ones give `x0`.
         argnums: Which arguments are optimised, as in `jax.grad`; with a tuple, x concatenates
             them in order. The others (data, a batch) are held fixed.
+        dtype: The floating dtype to compute in, or None for the primals' own. The
+            differentiated primals and the floating arrays among the fixed ones are cast to it
+            (complex ones to its complex counterpart); `unravel` returns it. float64 needs
+            `jax.config.update("jax_enable_x64", True)` (or JAX_ENABLE_X64=1).
 
     Returns:
-        A `ScipyObjective` with `x0`, `fun(x)`, `jac(x)`, `hessp(x, p)` and `unravel(x)`.
+        A `ScipyObjective` with `x0`, `dtype`, `fun(x)`, `jac(x)`, `hessp(x, p)` and
+        `unravel(x)`.
 
     Raises:
         TypeError: `f` is not callable; `primals` is not a tuple or list; a differentiated leaf
-            is not a floating-point array or float; f does not return a real scalar.
+            is not a floating-point array or float; f does not return a real scalar; `dtype`
+            is not a real floating dtype, or is float64 with JAX's 64-bit mode off.
         ValueError: `argnums` is out of range or repeats an argument.
+
+    Warns:
+        PrecisionWarning: (a `UserWarning`) f computes in less than float64 (the primals' or
+            its result's dtype) and `dtype=` did not ask for it. Once per objective, when built.
 
     Examples:
         >>> import jax.numpy as jnp, numpy as np
         >>> from scipy.optimize import minimize
         >>> from jhvp.interop import scipy_objective
         >>> f = lambda w, x, y: jnp.sum((x @ w - y) ** 2)  # least squares in w; x, y fixed
-        >>> obj = scipy_objective(f, (jnp.zeros(2), jnp.eye(2), jnp.array([1.0, 2.0])))
+        >>> primals = (jnp.zeros(2), jnp.eye(2), jnp.array([1.0, 2.0]))
+        >>> obj = scipy_objective(f, primals, dtype=jnp.float32)  # float32 by choice: no warning
         >>> res = minimize(obj.fun, obj.x0, jac=obj.jac, hessp=obj.hessp, method="trust-krylov")
         >>> print(np.round(obj.unravel(res.x), 4))
         [1. 2.]
@@ -258,6 +373,7 @@ def scipy_objective(
     _checks.check_callable(f, api)
     primals = _checks.check_primals(primals, api)
     nums = _checks.check_argnums(argnums, len(primals), api)
+    requested = _check_dtype(dtype, api)
     for i in nums:
         for path, leaf in jax.tree_util.tree_flatten_with_path(primals[i])[0]:
             where = f"primals[{i}]{jax.tree_util.keystr(path)}"
@@ -268,4 +384,8 @@ def scipy_objective(
                     "argument left out of `argnums`."
                 )
             _checks.check_differentiable_leaf(leaf, where, api)
-    return ScipyObjective(f, primals, nums, not isinstance(argnums, tuple | list), api)
+    obj = ScipyObjective(f, primals, nums, not isinstance(argnums, tuple | list), api, requested)
+    message = _precision_warning(obj, requested, api)
+    if message is not None:
+        warnings.warn(message, PrecisionWarning, stacklevel=2)
+    return obj

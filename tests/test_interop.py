@@ -1,6 +1,7 @@
 """Bridges: to_scipy, scipy_objective, to_lineax against dense, SciPy and NumPy references."""
 
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from helpers import ATOL, DTYPE, RTOL, X64, mlp_problem, quadratic, rand, rosenb
 from jax.flatten_util import ravel_pytree
 
 import jhvp
+from jhvp import interop
 from jhvp.interop import scipy_objective, to_lineax, to_scipy
 
 lx = pytest.importorskip("lineax")
@@ -100,7 +102,76 @@ def test_like_with_integer_dtype_raises():
         to_scipy(lambda v: v, like=jnp.zeros(3, jnp.int32))
 
 
+def complex_close(got, want, rtol=RTOL):
+    """As scaled_close, for complex results: dtype and values, both parts."""
+    assert got.dtype == want.dtype, (got.dtype, want.dtype)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.max(np.abs(want)) + ATOL)
+
+
+def _scipy_pd():
+    """to_scipy of a positive-definite quadratic's Hessian, and the float64 matrix."""
+    f, H, _ = _pd_quadratic()
+    return to_scipy(jhvp.hessian_operator(f, (jnp.zeros(6, DTYPE),))), H
+
+
+def test_to_scipy_complex_vectors_match_aslinearoperator():
+    S, H = _scipy_pd()
+    R = sla.aslinearoperator(H)  # SciPy's own operator of the same real matrix
+    assert S.dtype == R.dtype == np.float64  # the declared dtype stays float64, as SciPy's
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(6) + 1j * rng.standard_normal(6)
+    X = rng.standard_normal((6, 3)) + 1j * rng.standard_normal((6, 3))
+    complex_close(S.matvec(x), R.matvec(x))
+    complex_close(S.rmatvec(x), R.rmatvec(x))
+    complex_close(S @ x, R @ x)
+    complex_close(S.H @ x, R.H @ x)
+    complex_close(S.matvec(x[:, None]), R.matvec(x[:, None]))  # an (n, 1) column
+    complex_close(S.matvec(x.astype(np.complex64)), R.matvec(x.astype(np.complex64)))
+    complex_close(S.matmat(X), R.matmat(X))
+    complex_close(S.rmatmat(X), R.rmatmat(X))
+    complex_close(S @ X, R @ X)
+    complex_close(S.matmat(X.real), R.matmat(X.real))  # real blocks stay float64
+    assert S.matvec(x.real).dtype == np.float64
+
+
+def test_to_scipy_complex_is_one_compiled_call(monkeypatch):
+    S, H = _scipy_pd()
+    calls = []
+    run = interop._protocol.run
+
+    def counting_run(impl, *args, **kwargs):
+        calls.append(impl)
+        return run(impl, *args, **kwargs)
+
+    monkeypatch.setattr(interop._protocol, "run", counting_run)
+    S.matvec(np.ones(6) + 1j * np.arange(6))
+    assert len(calls) == 1  # real and imaginary parts as two columns of one program
+    S.matmat(np.ones((6, 4)) * (1 + 2j))
+    assert len(calls) == 2
+
+
+def test_gmres_with_complex_right_hand_side():
+    S, H = _scipy_pd()
+    b = np.linspace(-1.0, 2.0, 6) + 1j * np.cos(np.arange(6))
+    tol = 1e-10 if X64 else 1e-6
+    x, info = sla.gmres(S, b, rtol=tol, atol=0.0)
+    assert info == 0 and x.dtype == np.complex128
+    want = np.linalg.solve(H, b)
+    complex_close(x, want, rtol=1e-8 if X64 else 1e-4)
+    ref, ref_info = sla.gmres(sla.aslinearoperator(H), b, rtol=tol, atol=0.0)
+    assert ref_info == 0
+    complex_close(x, ref, rtol=1e-8 if X64 else 1e-4)
+
+
 # ---- scipy_objective --------------------------------------------------------------------------
+
+
+def objective(f, primals, **kwargs):
+    """scipy_objective of DTYPE primals: in float32 mode, expect its one PrecisionWarning."""
+    if X64:
+        return scipy_objective(f, primals, **kwargs)
+    with pytest.warns(interop.PrecisionWarning, match="float32"):
+        return scipy_objective(f, primals, **kwargs)
 
 
 def _rosen_start(n=100):
@@ -109,7 +180,7 @@ def _rosen_start(n=100):
 
 @pytest.mark.parametrize("method", ["trust-krylov", "trust-ncg"])
 def test_minimize_rosenbrock_100(method):
-    obj = scipy_objective(rosenbrock, (_rosen_start(),))
+    obj = objective(rosenbrock, (_rosen_start(),))
     assert obj.x0.dtype == np.float64 and obj.x0.shape == (100,)
     res = so.minimize(obj.fun, obj.x0, jac=obj.jac, hessp=obj.hessp, method=method,
                       options={"gtol": 1e-8 if X64 else 1e-3})
@@ -119,7 +190,7 @@ def test_minimize_rosenbrock_100(method):
 
 
 def test_fun_jac_hessp_equal_scipy_rosen_references():
-    obj = scipy_objective(rosenbrock, (_rosen_start(),))
+    obj = objective(rosenbrock, (_rosen_start(),))
     rng = np.random.default_rng(0)
     for _ in range(3):
         x = rng.uniform(0.0, 2.0, 100)
@@ -142,7 +213,7 @@ def test_fun_and_jac_at_one_point_evaluate_once():
         jax.debug.callback(lambda: calls.append(1))
         return rosenbrock(x)
 
-    obj = scipy_objective(f, (_rosen_start(10),))
+    obj = objective(f, (_rosen_start(10),))
     x = obj.x0.copy()
     obj.fun(x)
     obj.jac(x)
@@ -179,18 +250,19 @@ def _logistic_reference(X, y, lam):
                        options={"gtol": 1e-12}).x
 
 
+def _logistic_loss(params, X, y, lam):
+    t = X @ params["w"] + params["b"]
+    return jnp.mean(jnp.logaddexp(0.0, t) - y * t) + 0.5 * lam * params["w"] @ params["w"]
+
+
 @pytest.mark.parametrize("method", ["trust-krylov", "trust-ncg"])
 def test_minimize_logistic_regression(method):
     X, y = _logistic_data()
     lam = 1e-2
-
-    def loss(params, X, y, lam):
-        t = X @ params["w"] + params["b"]
-        return jnp.mean(jnp.logaddexp(0.0, t) - y * t) + 0.5 * lam * params["w"] @ params["w"]
-
+    loss = _logistic_loss
     params = {"b": jnp.zeros((), DTYPE), "w": jnp.zeros(5, DTYPE)}
     data = (jnp.asarray(X, DTYPE), jnp.asarray(y, DTYPE), lam)  # lam: a static Python float
-    obj = scipy_objective(loss, (params, *data))
+    obj = objective(loss, (params, *data))
     res = so.minimize(obj.fun, obj.x0, jac=obj.jac, hessp=obj.hessp, method=method,
                       options={"gtol": 1e-8 if X64 else 1e-5})
     sol = obj.unravel(res.x)
@@ -207,7 +279,7 @@ def test_tuple_argnums_concatenate_and_unravel():
         return jnp.sum(data * jnp.sin(a["u"]) ** 2) + jnp.sum(b**3) * jnp.sum(a["u"])
 
     data, a, b = rand(0, (3,)), {"u": rand(1, (3,))}, rand(2, (2,))
-    obj = scipy_objective(f, (data, a, b), argnums=(1, 2))
+    obj = objective(f, (data, a, b), argnums=(1, 2))
     flat, _ = ravel_pytree((a, b))
     np.testing.assert_array_equal(obj.x0, np.asarray(flat, np.float64))
     ua, ub = obj.unravel(obj.x0)
@@ -219,8 +291,94 @@ def test_tuple_argnums_concatenate_and_unravel():
     H = jax.hessian(lambda z: f(data, *ravel_pytree((a, b))[1](z)))(flat)
     scaled_close(obj.hessp(obj.x0, p), H @ jnp.asarray(p, DTYPE))
 
-    single = scipy_objective(f, (data, a, b), argnums=2)
+    single = objective(f, (data, a, b), argnums=2)
     np.testing.assert_array_equal(single.unravel(single.x0), b)
+
+
+def _count_precision_warnings(build):
+    """Builds an objective with `build()`, then uses it; returns it and its PrecisionWarnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        obj = build()
+        for _ in range(3):
+            obj.fun(obj.x0), obj.jac(obj.x0 + 1.0), obj.hessp(obj.x0, np.ones_like(obj.x0))
+        so.minimize(obj.fun, obj.x0, jac=obj.jac, hessp=obj.hessp, method="trust-krylov")
+    return obj, [w for w in caught if issubclass(w.category, interop.PrecisionWarning)]
+
+
+def test_float32_objective_warns_once_naming_dtype_and_fix():
+    assert issubclass(interop.PrecisionWarning, UserWarning)
+    x32 = jnp.asarray(_rosen_start(10), jnp.float32)  # float32 with or without x64
+    obj, caught = _count_precision_warnings(lambda: scipy_objective(rosenbrock, (x32,)))
+    assert len(caught) == 1  # once per objective, when built; not per evaluation
+    message = str(caught[0].message)
+    assert caught[0].filename == __file__  # points at the caller, not at jhvp
+    assert "jhvp.scipy_objective" in message and "float32" in message
+    assert "dtype=jnp.float64" in message and "dtype=jnp.float32" in message
+    if not X64:  # the fix then starts with enabling x64
+        assert 'jax.config.update("jax_enable_x64", True)' in message
+        assert "JAX_ENABLE_X64=1" in message
+    assert obj.dtype == np.float32
+    _, again = _count_precision_warnings(lambda: scipy_objective(rosenbrock, (x32,)))
+    assert len(again) == 1  # a second objective warns again
+
+
+def test_explicit_low_dtype_is_silent():
+    x32 = jnp.asarray(_rosen_start(10), jnp.float32)
+    obj, caught = _count_precision_warnings(
+        lambda: scipy_objective(rosenbrock, (x32,), dtype=jnp.float32))
+    assert caught == [] and obj.dtype == np.float32
+    np.testing.assert_allclose(obj.fun(obj.x0), float(rosenbrock(x32)), rtol=1e-6)
+
+
+def test_low_precision_result_warns_even_with_dtype():
+    def f(x):  # computes in DTYPE, but hands SciPy a float16 value
+        return rosenbrock(x).astype(jnp.float16)
+
+    with pytest.warns(interop.PrecisionWarning, match="f returns float16"):
+        scipy_objective(f, (_rosen_start(10),), dtype=DTYPE)
+
+
+@pytest.mark.skipif(X64, reason="needs x64 off: with JAX_ENABLE_X64=1 float64 is available")
+def test_float64_dtype_without_x64_raises():
+    with pytest.raises(TypeError, match=r"jhvp\.scipy_objective: dtype=float64 needs JAX's 64-bit"
+                       r'.*jax\.config\.update\("jax_enable_x64", True\).*JAX_ENABLE_X64=1'):
+        scipy_objective(rosenbrock, (_rosen_start(10),), dtype=jnp.float64)
+    with pytest.raises(TypeError, match="64-bit mode"):
+        scipy_objective(rosenbrock, (_rosen_start(10),), dtype="float64")
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.complex64, "relu", 3])
+def test_dtype_must_be_real_floating(dtype):
+    with pytest.raises(TypeError, match=r"jhvp\.scipy_objective: `dtype` must be a real floating"):
+        scipy_objective(rosenbrock, (_rosen_start(10),), dtype=dtype)
+
+
+@pytest.mark.skipif(not X64, reason="dtype=jnp.float64 needs JAX_ENABLE_X64=1")
+@pytest.mark.parametrize("method", ["trust-krylov", "Newton-CG"])
+def test_dtype_float64_minimizes_float32_logistic_regression(method):
+    # From float32 primals and data these methods stop with "A bad approximation caused failure
+    # to predict improvement" / "precision loss" (issue #15); dtype=jnp.float64 computes in
+    # float64: primals and data cast (strict promotion would reject float64 @ float32 otherwise).
+    X, y = _logistic_data()
+    lam = 1e-2
+    params = {"b": jnp.zeros((), jnp.float32), "w": jnp.zeros(5, jnp.float32)}
+    data = (jnp.asarray(X, jnp.float32), jnp.asarray(y, jnp.float32), lam)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no PrecisionWarning: float64 was asked for
+        obj = scipy_objective(_logistic_loss, (params, *data), dtype=jnp.float64)
+    assert obj.dtype == np.float64
+    options = {"xtol": 1e-12} if method == "Newton-CG" else {"gtol": 1e-8}
+    res = so.minimize(obj.fun, obj.x0, jac=obj.jac, hessp=obj.hessp, method=method,
+                      options=options)
+    assert res.success, res.message
+    sol = obj.unravel(res.x)
+    assert sol["w"].dtype == sol["b"].dtype == jnp.float64
+    X32, y32 = (np.asarray(a, np.float32).astype(np.float64) for a in (X, y))
+    ref = _logistic_reference(X32, y32, lam)  # the data the objective holds, in float64
+    np.testing.assert_allclose(np.asarray(sol["w"]), ref[:-1], atol=1e-6)
+    np.testing.assert_allclose(float(sol["b"]), ref[-1], atol=1e-6)
+    assert np.linalg.norm(obj.jac(res.x)) < 1e-7
 
 
 def test_scipy_objective_errors():
