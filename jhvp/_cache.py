@@ -144,8 +144,12 @@ class Plan:
 
 def _evict(entries: dict, key: Any, _ref: Any = None) -> None:
     # A weakref callback: may run in any thread, during any allocation (dict.pop is atomic), and
-    # at interpreter exit, when module globals may be gone (hence `entries` bound in advance).
-    entries.pop(key, None)
+    # at interpreter exit, when module globals may be gone (hence `entries` bound in advance, and
+    # a key whose __eq__ can no longer run is left for the interpreter to drop).
+    try:
+        entries.pop(key, None)
+    except Exception:  # noqa: BLE001, S110 - nothing to evict into at shutdown
+        pass
 
 
 def lookup(entries: dict, key: Any, make: Callable[[], Any]) -> Any:

@@ -24,7 +24,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
-from . import _ad, _checks, _filter, _protocol
+from . import _ad, _checks, _filter, _protocol, _select
 from ._typing import PyTree
 
 
@@ -181,6 +181,15 @@ def _cast_data(x: Any, dtype: np.dtype) -> Any:
     return x.astype(dtype) if jnp.issubdtype(kind, jnp.floating) else x
 
 
+class _Selected:
+    """Marks, in the fixed primals, where a leaf of x goes."""
+
+    __slots__ = ("__weakref__",)
+
+
+_SELECTED = _Selected()
+
+
 class ScipyObjective:
     """A loss f as `scipy.optimize.minimize` calls it: float64 numpy vectors in and out.
 
@@ -195,28 +204,41 @@ class ScipyObjective:
 
     def __init__(
         self, f: Callable, primals: tuple, argnums: tuple[int, ...], single: bool, api: str,
-        dtype: np.dtype | None = None,
+        dtype: np.dtype | None = None, masks: list[list[bool]] | None = None,
     ):
-        diff = tuple(primals[i] for i in argnums)
+        # x holds the selected leaves of the differentiated primals (`masks`, from `wrt=` and
+        # the frameworks' rules); everything else, split by the one filter, is held fixed:
+        # arrays as arguments of the compiled calls, the rest static.
+        masks = masks or [[True] * len(jax.tree.leaves(primals[i])) for i in argnums]
+        selected, templates = [], list(primals)
+        for i, mask in zip(argnums, masks, strict=True):
+            leaves, tree = jax.tree.flatten(primals[i])
+            selected += [x for x, m in zip(leaves, mask, strict=True) if m]
+            templates[i] = tree.unflatten(
+                [_SELECTED if m else x for x, m in zip(leaves, mask, strict=True)])
         if dtype is not None:
-            diff = jax.tree.map(lambda x: jnp.asarray(x, dtype), diff)
-        flat0, unravel = ravel_pytree(diff)
+            selected = [jnp.asarray(x, dtype) for x in selected]
+        flat0, unravel = ravel_pytree(selected)
         self.x0: np.ndarray = np.array(flat0, dtype=np.float64)
         self._single = single
         self.dtype: np.dtype = np.dtype(flat0.dtype)
-        self._unravel = unravel
-        # The fixed primals, split by the one filter: arrays are arguments, the rest static.
-        fixed = tuple(None if i in argnums else p for i, p in enumerate(primals))
-        leaves, treedef, self._data, _ = _filter.partition(fixed)
+        leaves, treedef, self._data, _ = _filter.partition(tuple(templates))
         if dtype is not None:
             self._data = [_cast_data(x, dtype) for x in self._data]
         dtype = self.dtype
 
-        def loss(flat: jax.Array, data: list) -> jax.Array:
+        def rebuild(flat: jax.Array, data: list) -> list:
             args = list(_filter.combine(data, leaves, treedef))
-            for i, x in zip(argnums, unravel(flat), strict=True):
-                args[i] = x
-            return f(*args)
+            values = iter(unravel(flat))
+            for i in argnums:
+                args[i] = jax.tree.map(lambda x: next(values) if x is _SELECTED else x, args[i])
+            return args
+
+        def loss(flat: jax.Array, data: list) -> jax.Array:
+            return f(*rebuild(flat, data))
+
+        self._rebuild = rebuild
+        self._argnums = argnums
 
         out = _checks.check_scalar_output(jax.eval_shape(loss, flat0, self._data), False, api)
         self._out_dtype = np.dtype(out.dtype)
@@ -257,8 +279,13 @@ class ScipyObjective:
         return np.array(out, dtype=np.float64)
 
     def unravel(self, x: ArrayLike) -> PyTree:
-        """Returns the flat vector x as the differentiated primal(s), in `self.dtype`."""
-        out = self._unravel(jnp.asarray(np.asarray(x), self.dtype))
+        """Returns the differentiated primal(s) at the flat point x, in `self.dtype`.
+
+        The selected leaves come from x; the others (held fixed by `wrt=` or a framework's
+        rule) are as they were given.
+        """
+        args = self._rebuild(jnp.asarray(np.asarray(x), self.dtype), self._data)
+        out = tuple(args[i] for i in self._argnums)
         return out[0] if self._single else out
 
     def __repr__(self) -> str:
@@ -320,6 +347,7 @@ def scipy_objective(
     *,
     argnums: int | Sequence[int] = 0,
     dtype: Any = None,
+    wrt: Any = None,
 ) -> ScipyObjective:
     """Returns f as a `ScipyObjective`: `fun`, `jac` and `hessp` on flat float64 vectors.
 
@@ -339,6 +367,9 @@ def scipy_objective(
         primals: A tuple of f's positional arguments; the differentiated ones give `x0`.
         argnums: Which arguments are optimised, as in `jax.grad`; with a tuple, x concatenates
             them in order. The others (data, a batch) are held fixed.
+        wrt: Which leaves of the optimised arguments x holds, as in `jhvp.hvp` (a pytree
+            prefix of bools, a callable on a leaf, an NNX filter; Flax NNX modules: only
+            `nnx.Param` by default). The others are held fixed.
         dtype: The floating dtype to compute in, or None for the primals' own. The
             differentiated primals and the floating arrays among the fixed ones are cast to it
             (complex ones to its complex counterpart); `unravel` returns it. float64 needs
@@ -374,17 +405,30 @@ def scipy_objective(
     primals = _checks.check_primals(primals, api)
     nums = _checks.check_argnums(argnums, len(primals), api)
     requested = _check_dtype(dtype, api)
-    for i in nums:
-        for path, leaf in jax.tree_util.tree_flatten_with_path(primals[i])[0]:
+    single = not isinstance(argnums, tuple | list)
+    selection = _select.normalise(wrt, single, api)
+    masks = []
+    for k, i in enumerate(nums):
+        chosen = selection if single or selection is None else selection[k]
+        with_path = jax.tree_util.tree_flatten_with_path(primals[i])[0]
+        mask = _select.mask(chosen, primals[i], api) or [True] * len(with_path)
+        predicate = _select.leaf_predicate(chosen)
+        if predicate is not None:
+            mask = [m and bool(predicate(x)) for m, (_, x) in zip(mask, with_path, strict=True)]
+        masks.append(mask)
+        for position, ((path, leaf), m) in enumerate(zip(with_path, mask, strict=True)):
+            if not m:
+                continue
             where = f"primals[{i}]{jax.tree_util.keystr(path)}"
             if not (_filter.is_array(leaf) or isinstance(leaf, float)):
                 raise TypeError(
                     f"{api}: differentiated primals must be pytrees of floating-point "
                     f"arrays, but {where} is {type(leaf).__name__} ({leaf!r}). Move it to an "
-                    "argument left out of `argnums`."
+                    "argument left out of `argnums`, or deselect it with `wrt=`."
                 )
-            _checks.check_differentiable_leaf(leaf, where, api)
-    obj = ScipyObjective(f, primals, nums, not isinstance(argnums, tuple | list), api, requested)
+            _checks.check_differentiable_leaf(leaf, where, api,
+                                              _select.advice(primals[i], position))
+    obj = ScipyObjective(f, primals, nums, single, api, requested, masks)
     message = _precision_warning(obj, requested, api)
     if message is not None:
         warnings.warn(message, PrecisionWarning, stacklevel=2)

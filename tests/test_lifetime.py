@@ -147,7 +147,7 @@ def test_operator_constructors_do_not_keep_their_functions_alive(build):
 def test_scipy_objective_releases_f_with_the_objective():
     fn = _loss()
     ref = weakref.ref(fn)
-    obj = scipy_objective(fn, (jnp.ones(3, DTYPE),))
+    obj = scipy_objective(fn, (jnp.ones(3, DTYPE),), dtype=DTYPE)
     obj.hessp(obj.x0, np.ones(3))
     obj.fun(obj.x0)
     del obj, fn

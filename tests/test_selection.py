@@ -171,3 +171,26 @@ def test_bad_wrt_is_explained():
     with pytest.raises(ValueError, match=r"`wrt` must be a pytree prefix"):
         jhvp.hvp(lambda p: jnp.sum(p["a"] ** 2), ({"a": jnp.ones(2, DTYPE)},),
                  {"a": jnp.ones(2, DTYPE)}, wrt={"b": True})
+
+
+def test_scipy_objective_takes_wrt_and_the_nnx_rule():
+    from jhvp.interop import scipy_objective
+
+    p = {"w": jnp.array([0.3, -0.2, 0.5], DTYPE), "v": jnp.array([1.0, 2.0], DTYPE)}
+    x = jnp.array([[1.0, 0.5, -1.0], [0.2, 0.1, 0.3]], DTYPE)
+
+    def loss(p, x):
+        return jnp.sum((jnp.tanh(x @ p["w"]) * p["v"]) ** 2)
+
+    obj = scipy_objective(loss, (p, x), wrt={"w": True, "v": False}, dtype=DTYPE)
+    assert obj.x0.shape == (3,)
+    block = jax.hessian(lambda w: loss({"w": w, "v": p["v"]}, x))(p["w"])
+    np.testing.assert_allclose(obj.hessp(obj.x0, np.ones(3)), block @ np.ones(3), rtol=RTOL,
+                               atol=RTOL)
+    back = obj.unravel(obj.x0 + 1.0)
+    np.testing.assert_allclose(back["w"], p["w"] + 1.0, rtol=RTOL)
+    np.testing.assert_array_equal(back["v"], p["v"])  # held fixed
+    model, xs, ys, cnn_loss = cnn_problem()
+    H, _ = dense_param_hessian(model, cnn_loss, xs, ys)
+    obj = scipy_objective(cnn_loss, (model, xs, ys), dtype=DTYPE)
+    assert obj.x0.size == H.shape[0]  # Params only: no BatchStat, no RNG state
