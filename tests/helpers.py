@@ -148,6 +148,14 @@ def quadratic(n=6, seed=0):
     return f, 0.5 * (A + A.T)
 
 
+def sym_matrix(eigenvalues, seed=0):
+    """A dense symmetric float64 (NumPy) matrix with this spectrum and random eigenvectors."""
+    rng = np.random.default_rng(seed)
+    n = len(eigenvalues)
+    U, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    return (U * np.asarray(eigenvalues, np.float64)) @ U.T
+
+
 def rosenbrock(x):
     return jnp.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2)
 

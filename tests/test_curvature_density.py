@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import DTYPE, X64, assert_rounding_close, mlp_problem
+from helpers import DTYPE, X64, assert_rounding_close, mlp_problem, sym_matrix
 from jax.flatten_util import ravel_pytree
 
 import jhvp
@@ -13,38 +13,9 @@ from jhvp.curvature import _sketch, spectral_density
 KEY = jax.random.key(0)
 
 
-def sym_matrix(eigenvalues, seed=0):
-    rng = np.random.default_rng(seed)
-    n = len(eigenvalues)
-    U, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    return (U * np.asarray(eigenvalues)) @ U.T
-
-
 def gaussian_mixture(grid, centres, weights, sigma):
     z = (np.asarray(grid, np.float64)[:, None] - np.asarray(centres, np.float64)[None, :]) / sigma
     return np.exp(-0.5 * z**2) @ np.asarray(weights, np.float64) / (np.sqrt(2 * np.pi) * sigma)
-
-
-def assert_density_close(actual, expected, steps):
-    """Two estimates from the same probes, computed in a different order, agree to rounding.
-
-    Lanczos is backward stable: a few ulps of ‖A‖ a step. Ritz values move by no more than
-    that (Weyl), so nodes and grid compare on the spectrum's scale; a weight is a squared
-    eigenvector component of T, conditioned by scale/gap to the probe's nearest other node
-    (Davis-Kahan); the density sums Gaussians of width σ, which a node shift δ moves by about
-    δ/σ of their height (nodes closer than σ trade weight without moving it).
-    """
-    nodes = np.asarray(expected.nodes, np.float64)
-    scale = np.abs(nodes).max()
-    gap = np.diff(np.sort(nodes, axis=1), axis=1).min()
-    grid = np.asarray(expected.grid, np.float64)
-    sigma = ((grid[-1] - grid[0]) - (nodes.max() - nodes.min())) / 10  # 5σ past either end
-    assert_rounding_close(actual.nodes, expected.nodes, steps=steps, scale=scale)
-    assert_rounding_close(actual.grid, expected.grid, steps=steps)
-    assert_rounding_close(actual.weights, expected.weights, steps=steps, scale=1.0,
-                          amplification=scale / gap)
-    assert_rounding_close(actual.density, expected.density, steps=steps,
-                          amplification=scale / sigma)
 
 
 def test_gauss_quadrature_is_exact():
@@ -98,25 +69,6 @@ def test_default_sigma_integrates_to_one_and_covers_the_spectrum():
     integral = float(jnp.trapezoid(out.density, out.grid))
     assert abs(integral - 1.0) < 1e-3
     assert float(out.grid[0]) < w.min() and float(out.grid[-1]) > w.max()
-
-
-@pytest.mark.parametrize("batch_size", [3, 4, 10])
-def test_batch_size_never_changes_the_result(batch_size):
-    A = jnp.asarray(sym_matrix(np.linspace(-1.0, 2.0, 40)), DTYPE)
-    like = jnp.ones(40, DTYPE)
-    whole = spectral_density(lambda v: A @ v, KEY, num_probes=10, num_matvecs=12, like=like)
-    chunked = spectral_density(lambda v: A @ v, KEY, num_probes=10, num_matvecs=12, like=like,
-                               batch_size=batch_size)
-    # A vmapped chunk and the whole batch are different programs: equal to rounding, not bitwise.
-    assert_density_close(chunked, whole, steps=12)
-
-
-def test_runs_under_jit_with_the_operator_as_argument():
-    f, primals = mlp_problem()
-    op = jhvp.hessian_operator(f, primals)
-    run = jax.jit(lambda op, key: spectral_density(op, key, num_probes=3, num_matvecs=10))
-    a, b = run(op, KEY), spectral_density(op, KEY, num_probes=3, num_matvecs=10)
-    assert_density_close(a, b, steps=10)
 
 
 def test_probes_and_map_probes():
