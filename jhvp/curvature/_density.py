@@ -22,7 +22,11 @@ _PAD_SIGMAS = 5.0
 
 
 class SpectralDensity(NamedTuple):
-    """A smoothed estimate of the eigenvalue density φ(t) = (1/n) Σᵢ δ(t - λᵢ)."""
+    """A smoothed estimate of the eigenvalue density φ(t) = (1/n) Σᵢ δ(t - λᵢ).
+
+    Every field is float32 for a bfloat16 or float16 operator (the quadrature runs in float32),
+    else the operator's dtype.
+    """
 
     grid: jax.Array
     """(num_points,): evenly spaced points, from 5 sigma below the lowest node to 5 above."""
@@ -35,24 +39,48 @@ class SpectralDensity(NamedTuple):
     sums to 1. Nodes past a breakdown (an invariant Krylov space) have weight 0."""
 
 
+def _support(nodes: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The lowest and highest node with weight.
+
+    Weight-0 nodes (past a breakdown) sit at 0 and must not stretch the grid.
+    """
+    live = weights > jnp.finfo(weights.dtype).eps
+    return (jnp.min(jnp.where(live, nodes, jnp.inf)),
+            jnp.max(jnp.where(live, nodes, -jnp.inf)))
+
+
+def _grid(lo: jax.Array, hi: jax.Array, width: jax.Array, num_points: int) -> jax.Array:
+    pad = jnp.asarray(_PAD_SIGMAS, width.dtype) * width
+    return jnp.linspace(lo - pad, hi + pad, num_points, dtype=width.dtype)
+
+
+def _smooth(grid: jax.Array, nodes: jax.Array, weights: jax.Array, width: jax.Array) -> jax.Array:
+    """(1/num_probes) Σ weights · N(grid; nodes, width²): the Gaussian-smoothed quadrature."""
+    dtype = width.dtype
+    diff = (grid[:, None] - nodes.reshape(-1)[None, :]) / width
+    norm = jnp.asarray(math.sqrt(2 * math.pi), dtype) * width
+    kernel = jnp.exp(-0.5 * diff * diff) / norm
+    return jnp.matmul(kernel, weights.reshape(-1)) / jnp.asarray(nodes.shape[0], dtype)
+
+
 def _density_impl(flat_op, key, *, num_probes, num_matvecs, num_points, sigma, batch_size):
-    dtype = flat_op.dtype
-    root_n = jnp.asarray(math.sqrt(flat_op.n), dtype)
+    store = flat_op.dtype
+    root_n = jnp.asarray(math.sqrt(flat_op.n), store)
 
     def quadrature(i):
-        v = _sketch.rademacher(key, i, flat_op.n, dtype) / root_n
+        v = _sketch.rademacher(key, i, flat_op.n, store) / root_n
         out = _lanczos.lanczos_flat(flat_op.matvec, v, num_matvecs, reortho="full")
         m = num_matvecs
+        # T is float32 for a 16-bit operator (`_lanczos.compute_dtype`): eigh has no kernel
+        # below, and the nodes need more than 8 bits to be told apart.
         T = (jnp.diag(out.alphas) + jnp.diag(out.betas[: m - 1], 1)
              + jnp.diag(out.betas[: m - 1], -1))
         theta, S = jnp.linalg.eigh(T)
         return theta, S[0] ** 2
 
     nodes, weights = _sketch.map_probes(quadrature, num_probes, batch_size)
-    # Weight-0 nodes (past a breakdown) sit at 0 and must not stretch the grid.
-    live = weights > jnp.finfo(dtype).eps
-    lo = jnp.min(jnp.where(live, nodes, jnp.inf))
-    hi = jnp.max(jnp.where(live, nodes, -jnp.inf))
+    dtype = nodes.dtype
+    lo, hi = _support(nodes, weights)
     if sigma is None:
         spread = hi - lo
         # A spectrum of one point (A = cI) has no spread: fall back on its magnitude, then on 1.
@@ -61,13 +89,8 @@ def _density_impl(flat_op, key, *, num_probes, num_matvecs, num_points, sigma, b
         width = jnp.asarray(_SIGMA_FRACTION, dtype) * spread
     else:
         width = jnp.asarray(sigma, dtype)
-    pad = jnp.asarray(_PAD_SIGMAS, dtype) * width
-    grid = jnp.linspace(lo - pad, hi + pad, num_points, dtype=dtype)
-    diff = (grid[:, None] - nodes.reshape(-1)[None, :]) / width
-    norm = jnp.asarray(math.sqrt(2 * math.pi), dtype) * width
-    kernel = jnp.exp(-0.5 * diff * diff) / norm
-    density = jnp.matmul(kernel, weights.reshape(-1)) / jnp.asarray(num_probes, dtype)
-    return SpectralDensity(grid, density, nodes, weights)
+    grid = _grid(lo, hi, width, num_points)
+    return SpectralDensity(grid, _smooth(grid, nodes, weights, width), nodes, weights)
 
 
 def spectral_density(
@@ -90,7 +113,9 @@ def spectral_density(
     is smoothed by a Gaussian of width `sigma` (Lin, Saad & Yang 2016; Ubaru, Chen & Saad 2017;
     Ghorbani, Krishnan & Xiao 2019). Probe i is drawn from `fold_in(key, i)`. Cost: num_probes
     × m operator applications (vmapped: matrix-matrix products), and num_probes (or
-    `batch_size`) m×n Lanczos bases in memory.
+    `batch_size`) m×n Lanczos bases in memory. A bfloat16 or float16 operator keeps its
+    vectors in that dtype; the recurrence's scalars, T's eigenproblem and the result are
+    float32.
 
     Args:
         op: A `jhvp.HessianOperator` (or any jhvp operator), or a symmetric linear callable on

@@ -12,10 +12,16 @@ from .._typing import PyTree
 from . import _checks, _lanczos
 
 WHICH = ("LA", "SA", "LM")
+# `converged`'s relative tolerance, by the operator's bits (16-bit: just above its ε).
+_CONVERGED_RTOL = {64: 1e-8, 32: 1e-4, 16: 1e-2}
 
 
 class EighResult(NamedTuple):
-    """Approximate eigenpairs of a symmetric operator, most extreme first."""
+    """Approximate eigenpairs of a symmetric operator, most extreme first.
+
+    Scalars (`eigenvalues`, `residual_norms`) have the operator's dtype, float32 for a
+    bfloat16 or float16 operator; eigenvectors have the operator's dtype.
+    """
 
     eigenvalues: jax.Array
     """(k,): the Ritz values, ordered by `which` (LA descending, SA ascending, LM by |λ|)."""
@@ -24,13 +30,9 @@ class EighResult(NamedTuple):
     residual_norms: jax.Array
     """(k,): ‖A y - λ y‖ of each pair (the Lanczos estimate |β_m s_{m,i}|, Parlett 1980)."""
     converged: jax.Array
-    """(k,) bool: residual ≤ 1e-4·|λ| (float32) or 1e-8·|λ| (float64)."""
+    """(k,) bool: residual ≤ 1e-4·|λ| (float32), 1e-8·|λ| (float64) or 1e-2·|λ| (16-bit)."""
     num_matvecs: jax.Array
     """Operator applications used."""
-
-
-def _converged_tol(dtype: Any) -> float:
-    return 1e-8 if jnp.finfo(dtype).bits > 32 else 1e-4
 
 
 def _score(theta: jax.Array, which: str) -> jax.Array:
@@ -48,14 +50,15 @@ def _select(state: _lanczos.Flat, k: int, which: str) -> tuple[jax.Array, ...]:
 
 
 def _eigh_impl(flat_op, key, *, k, which, num_matvecs, rtol, reortho):
-    dtype = flat_op.dtype
-    v0 = jax.random.normal(jax.random.fold_in(key, 0), (flat_op.n,), dtype)
+    store = flat_op.dtype
+    cdt = _lanczos.compute_dtype(store)
+    v0 = jax.random.normal(jax.random.fold_in(key, 0), (flat_op.n,), cdt).astype(store)
     stop = None
     if rtol is not None:
 
         def stop(state):
             theta, _, residuals = _select(state, k, which)
-            ok = residuals <= jnp.asarray(rtol, dtype) * jnp.abs(theta)
+            ok = residuals <= jnp.asarray(rtol, cdt) * jnp.abs(theta)
             return (state.steps >= k) & jnp.all(ok)
 
     state = _lanczos.lanczos_flat(
@@ -63,8 +66,9 @@ def _eigh_impl(flat_op, key, *, k, which, num_matvecs, rtol, reortho):
         stop=stop, check_every=max(2, num_matvecs // 8),
     )
     theta, S_k, residuals = _select(state, k, which)
-    vectors = jnp.matmul(S_k.T, state.basis, precision=jax.lax.Precision.HIGHEST)
-    converged = residuals <= jnp.asarray(_converged_tol(dtype), dtype) * jnp.abs(theta)
+    vectors = _lanczos.dot(S_k.T.astype(store), state.basis, cdt).astype(store)
+    tol = jnp.asarray(_CONVERGED_RTOL[jnp.finfo(store).bits], cdt)
+    converged = residuals <= tol * jnp.abs(theta)
     return EighResult(theta, jax.vmap(flat_op.unravel)(vectors), residuals, converged, state.steps)
 
 
@@ -91,6 +95,10 @@ def eigh(
     applications, the m×n basis in memory and two passes over it per reorthogonalising step
     (every step with `reortho="full"`; with "partial", those where the ω-recurrence says
     orthogonality would fall below √ε, and the step after each).
+
+    16-bit operators (bfloat16, float16): vectors stay in the operator's dtype; the scalar
+    recurrences, norms, dot products and T's eigenproblem run in float32, and `eigenvalues`
+    and `residual_norms` are float32. Accuracy is that of the dtype: about ε·‖A‖ per step.
 
     Args:
         op: A `jhvp.HessianOperator` (or any jhvp operator), or a symmetric linear callable on
@@ -152,12 +160,14 @@ def eigh(
 
 
 def _power_impl(flat_op, key, *, max_iters, rtol):
-    dtype = flat_op.dtype
+    store = flat_op.dtype
+    dtype = _lanczos.compute_dtype(store)
     tol = jnp.asarray(rtol, dtype)
 
     def apply(v):
         # The Rayleigh quotient and the residual of v come with its application: no extra cost.
-        w = flat_op.matvec(v)
+        # Vectors are stored in the operator's dtype, the arithmetic runs in `dtype`.
+        w = flat_op.matvec(v.astype(store)).astype(dtype)
         lam = jnp.vdot(v, w)
         return w, lam, jnp.linalg.norm(w - lam * v)
 
@@ -171,14 +181,17 @@ def _power_impl(flat_op, key, *, max_iters, rtol):
     def body(carry):
         i, _, w, _, _, lam_prev = carry
         v, _ = _lanczos._normalise(w)
+        v = v.astype(store).astype(dtype)  # the vector the operator sees
         w, lam, residual = apply(v)
         return i + 1, v, w, jnp.abs(lam - lam_prev), residual, lam
 
     v, _ = _lanczos._normalise(jax.random.normal(jax.random.fold_in(key, 0), (flat_op.n,), dtype))
+    v = v.astype(store).astype(dtype)
     w, lam, residual = apply(v)
     carry = (jnp.ones((), jnp.int32), v, w, jnp.asarray(jnp.inf, dtype), residual, lam)
     i, v, _, change, residual, lam = jax.lax.while_loop(cond, body, carry)
-    return EighResult(lam[None], jax.vmap(flat_op.unravel)(v[None, :]), residual[None],
+    vectors = v[None, :].astype(store)
+    return EighResult(lam[None], jax.vmap(flat_op.unravel)(vectors), residual[None],
                       ok(change, residual, lam)[None], i)
 
 
@@ -196,7 +209,7 @@ def power_iteration(
     |λ₂/λ₁| per step (Golub & Van Loan 2013, 7.3.1): prefer `eigh`, whose Lanczos basis
     converges much faster for the same number of applications, unless memory is the limit.
     Stops when both the relative change of λ and the relative residual ‖A v - λ v‖/|λ| are
-    ≤ rtol, or after `max_iters` applications.
+    ≤ rtol, or after `max_iters` applications. 16-bit operators work as for `eigh`.
 
     Args:
         op: A `jhvp.HessianOperator` (or any jhvp operator), or a symmetric linear callable on

@@ -21,13 +21,33 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _DGKS = 0.7071067811865476
 
 
+def compute_dtype(dtype: Any) -> Any:
+    """The dtype of the scalar recurrences and of T for vectors of `dtype` (internal).
+
+    Vectors stay in the operator's dtype (memory); alphas, betas, norms and T's eigenproblem
+    run in at least float32: bfloat16 and float16 sums of n products lose all digits past
+    their 8 or 11 bits, and `jnp.linalg.eigh` has no kernels for them.
+    """
+    return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else jnp.dtype(dtype)
+
+
+def dot(a: jax.Array, b: jax.Array, out: Any) -> jax.Array:
+    """Returns a·b (vectors or matrices) from the storage dtype, accumulated in `out` (internal).
+
+    Both operands are rounded to `a`'s dtype first: a low-precision basis is exact to its own
+    rounding only, so a float32 copy of it would cost memory and buy no accuracy.
+    """
+    return jax.lax.dot(a, b.astype(a.dtype), precision=_HIGHEST, preferred_element_type=out)
+
+
 class LanczosResult(NamedTuple):
     """The output of `lanczos`: A Q = Q T + betas[m-1] q_m e_mᵀ, T tridiagonal."""
 
     basis: PyTree
     """The m orthonormal Lanczos vectors q_0..q_{m-1}: the op's structure, leading axis m."""
     alphas: jax.Array
-    """(m,): the diagonal of T, alphas[i] = q_iᵀ A q_i."""
+    """(m,): the diagonal of T, alphas[i] = q_iᵀ A q_i; float32 for a bfloat16 or float16
+    operator (so are betas), else the operator's dtype."""
     betas: jax.Array
     """(m,): betas[i] couples q_i and q_{i+1}; T's off-diagonal is betas[:m-1] and betas[m-1]
     is the norm of the last residual."""
@@ -38,8 +58,8 @@ class LanczosResult(NamedTuple):
 class Flat(NamedTuple):
     """The flat iteration's state and result (internal): basis rows at and beyond `steps` are 0."""
 
-    basis: jax.Array  # (m, n)
-    alphas: jax.Array  # (m,)
+    basis: jax.Array  # (m, n), the operator's dtype
+    alphas: jax.Array  # (m,), compute_dtype from here on
     betas: jax.Array  # (m,)
     steps: jax.Array  # () int32: matvecs done = filled basis rows (when no restart is pending)
     done: jax.Array  # () bool: stopped early (breakdown without restart, or `stop` said so)
@@ -51,20 +71,21 @@ class Flat(NamedTuple):
 
 
 def _project_out(basis: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    c = jnp.matmul(basis, w, precision=_HIGHEST)
-    return w - jnp.matmul(c, basis, precision=_HIGHEST), c
+    c = dot(basis, w, w.dtype)
+    return w - dot(c.astype(basis.dtype), basis, w.dtype), c
 
 
-def _orthogonalise(basis: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _orthogonalise(basis: jax.Array, w: jax.Array, eps: jax.Array) -> tuple[jax.Array, ...]:
     # Classical Gram-Schmidt against every stored row at once (unfilled rows are zero), with a
     # second pass only when the first cancelled (DGKS): "twice is enough" (Parlett 1980, 6.9).
     # Against a basis orthogonal only to √ε (partial reorthogonalisation), one pass leaves
     # about √ε·‖c‖ of the removed components c behind: a second pass also runs when
     # ‖c‖ > √ε‖w‖, so the result is orthogonal to working precision either way.
     # Each pass reads the whole basis twice: the memory traffic of a reorthogonalisation.
+    # `eps` is the basis' (storage) precision: a rounded basis is orthogonal to that only.
     w1, c1 = _project_out(basis, w)
     norm1 = jnp.linalg.norm(w1)
-    sqrt_eps = jnp.sqrt(jnp.asarray(jnp.finfo(w.dtype).eps, w.dtype))
+    sqrt_eps = jnp.sqrt(eps)
     again = (norm1 < _DGKS * jnp.linalg.norm(w)) | (jnp.linalg.norm(c1) > sqrt_eps * norm1)
 
     def second(w1):
@@ -83,16 +104,18 @@ def _normalise(v: jax.Array) -> tuple[jax.Array, jax.Array]:
 def init(v0: jax.Array, num_matvecs: int) -> Flat:
     """Returns the state before the first step: q_0 = v0/‖v0‖ (a zero v0 gives q_0 = e_0)."""
     n, dtype = v0.shape[0], v0.dtype
-    q0, norm = _normalise(v0)
-    q0 = jnp.where(norm > 0, q0, jnp.zeros(n, dtype).at[0].set(1))
-    basis = jnp.zeros((num_matvecs, n), dtype).at[0].set(q0)
-    zeros = jnp.zeros(num_matvecs, dtype)
+    cdt = compute_dtype(dtype)
+    q0, norm = _normalise(v0.astype(cdt))
+    q0 = jnp.where(norm > 0, q0, jnp.zeros(n, cdt).at[0].set(1))
+    basis = jnp.zeros((num_matvecs, n), dtype).at[0].set(q0.astype(dtype))
+    zeros = jnp.zeros(num_matvecs, cdt)
     false, zero = jnp.zeros((), bool), jnp.zeros((), jnp.int32)
-    return Flat(basis, zeros, zeros, zero, false, jnp.zeros((), dtype), zeros.at[0].set(1),
+    return Flat(basis, zeros, zeros, zero, false, jnp.zeros((), cdt), zeros.at[0].set(1),
                 zeros, false, zero)
 
 
-def _omega(state: Flat, alpha: jax.Array, beta: jax.Array, scale: jax.Array) -> jax.Array:
+def _omega(state: Flat, alpha: jax.Array, beta: jax.Array, scale: jax.Array,
+           eps: jax.Array) -> jax.Array:
     """Simon's recurrence (1984, eq. 3.6) for ω_{j+1,k} ≈ q_{j+1}ᵀq_k, all k at once.
 
     Rounding enters each step as ±ε‖A‖, added with the sign of the term (a bound, as PROPACK's
@@ -102,7 +125,6 @@ def _omega(state: Flat, alpha: jax.Array, beta: jax.Array, scale: jax.Array) -> 
         state.omega_prev
     dtype = om.dtype
     zero = jnp.zeros((1,), dtype)
-    eps = jnp.asarray(jnp.finfo(dtype).eps, dtype)
     beta_prev = jnp.where(j > 0, betas[jnp.maximum(j - 1, 0)], jnp.zeros((), dtype))
     t = (betas * jnp.concatenate([om[1:], zero]) + (alphas - alpha) * om
          + jnp.concatenate([zero, betas[:-1] * om[:-1]]) - beta_prev * om_prev)
@@ -117,31 +139,34 @@ def step(matvec: Callable, state: Flat, reortho: str, restart_key: Any = None) -
     """One Lanczos step: applies the operator once, fills alphas[j], betas[j] and row j + 1."""
     basis, alphas, betas, j = state.basis, state.alphas, state.betas, state.steps
     m, n = basis.shape
-    dtype = basis.dtype
+    store, dtype = basis.dtype, alphas.dtype  # the vectors' dtype, the recurrence's
     q = basis[j]
-    w = matvec(q)
     # The three-term recurrence first (two vectors); the basis is read only to reorthogonalise.
+    # Its arithmetic runs in `dtype` (float32 for 16-bit operators), rounded once on storing.
+    w = matvec(q).astype(dtype)
+    q = q.astype(dtype)
     alpha = jnp.vdot(q, w)
-    prev = basis[jnp.maximum(j - 1, 0)]
+    prev = basis[jnp.maximum(j - 1, 0)].astype(dtype)
     beta_prev = jnp.where(j > 0, betas[jnp.maximum(j - 1, 0)], jnp.zeros((), dtype))
     w = w - alpha * q - beta_prev * prev
     beta = jnp.linalg.norm(w)
     scale = jnp.maximum(state.scale, jnp.abs(alpha) + beta + beta_prev)
-    eps = jnp.asarray(jnp.finfo(dtype).eps, dtype)
+    # Rounding is that of the stored vectors: ε of the operator's dtype.
+    eps = jnp.asarray(jnp.finfo(store).eps, dtype)
     if reortho == "partial":
         # Partial reorthogonalisation (Simon 1984; Larsen's PROPACK): track the loss of
         # orthogonality with the ω-recurrence and reorthogonalise only once it passes √ε, the
         # new vector and the next one (whose recurrence reads the old, unrepaired q_j).
         # Semi-orthogonality (‖QᵀQ − I‖ ≤ √ε) keeps T's Ritz values accurate to ε‖A‖ and
         # ghost-free (Simon 1984, Theorem 4).
-        omega = _omega(state, alpha, beta, scale)
+        omega = _omega(state, alpha, beta, scale, eps)
         need = state.force | (jnp.max(jnp.abs(omega)) > jnp.sqrt(eps))
     else:
         omega = state.omega
         need = jnp.asarray(reortho == "full")
     if reortho != "none":
         def reorthogonalise(w):
-            w, c = _orthogonalise(basis, w)
+            w, c = _orthogonalise(basis, w, eps)
             # The coefficient on q_j refines alpha: T stays QᵀAQ to working precision.
             return w, c[j], jnp.linalg.norm(w)
 
@@ -161,8 +186,8 @@ def step(matvec: Callable, state: Flat, reortho: str, restart_key: Any = None) -
     if restart_key is not None:
         def fresh(_):
             r = jax.random.normal(jax.random.fold_in(restart_key, j + 1), (n,), dtype)
-            r, _ = _orthogonalise(basis, r)
-            r, _ = _orthogonalise(basis, r)
+            r, _ = _orthogonalise(basis, r, eps)
+            r, _ = _orthogonalise(basis, r, eps)
             return _normalise(r)[0]
 
         # A random vector orthogonal to the basis continues the iteration in a new Krylov
@@ -181,7 +206,8 @@ def step(matvec: Callable, state: Flat, reortho: str, restart_key: Any = None) -
     omega = jnp.where(idx == j + 1, jnp.ones_like(omega), omega)
     row = jnp.minimum(j + 1, m - 1)
     basis = jax.lax.dynamic_update_slice(
-        basis, jnp.where(last, basis[row], w)[None, :], (row, jnp.zeros((), row.dtype))
+        basis, jnp.where(last, basis[row], w.astype(store))[None, :],
+        (row, jnp.zeros((), row.dtype)),
     )
     return Flat(basis, alphas.at[j].set(alpha), betas.at[j].set(beta), j + 1, done, scale,
                 omega, state.omega, need & ~state.force & (reortho == "partial"),
@@ -243,6 +269,10 @@ def lanczos(op: Any, v0: PyTree, num_matvecs: int, *, reortho: str = "full") -> 
 
     If an invariant subspace is found after j < m steps (beta ≈ 0), the iteration stops there:
     `num_matvecs` reports j, `betas[j-1]` is 0 and the rows and entries beyond j are zero.
+
+    A bfloat16 or float16 operator keeps the basis in its dtype (memory); the recurrence's
+    arithmetic, dot products and norms run in float32 and round each new vector once, so the
+    basis is orthonormal to the dtype's ε and T is QᵀAQ to a few ε‖A‖.
 
     Args:
         op: A `jhvp.HessianOperator` (or any jhvp operator), or a symmetric linear callable on
