@@ -1,17 +1,21 @@
 """What eigh's results promise (issue #15, "never silently wrong").
 
-16-bit operators.
+Multiplicities under `rtol`, `residual_norms` as a bound on the true residual, `converged` under
+the user's tolerance, 16-bit operators.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import DTYPE
+from jax.flatten_util import ravel_pytree
 
 import jhvp
 from jhvp.curvature import _sketch, eigh, lanczos, power_iteration, spectral_density
 
 KEY = jax.random.key(0)
+EPS = float(jnp.finfo(DTYPE).eps)
 
 
 def sym_matrix(eigenvalues, seed=0):
@@ -19,6 +23,99 @@ def sym_matrix(eigenvalues, seed=0):
     n = len(eigenvalues)
     U, _ = np.linalg.qr(rng.standard_normal((n, n)))
     return (U * np.asarray(eigenvalues, np.float64)) @ U.T
+
+
+def flat_rows(tree):
+    return np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(tree), np.float64)
+
+
+def true_residuals(out, A):
+    """‖A y - θ y‖ in float64, for the vectors and values eigh returned."""
+    Y = flat_rows(out.eigenvectors)
+    theta = np.asarray(out.eigenvalues, np.float64)
+    return np.linalg.norm(Y @ A - theta[:, None] * Y, axis=1)
+
+
+# ---- (4) a repeated eigenvalue under rtol --------------------------------------------------------
+
+
+def test_rtol_waits_for_every_copy_of_a_repeated_eigenvalue():
+    # Five eigenvalues, 20 copies each: every Krylov block spans one copy of each and breaks
+    # down after 5 steps; the restarted block's copies of 10 converge in a few steps, and a
+    # residual test that stops then returns [10, 10, 10, 4, ...] (numpy: [10] * 6).
+    ev = np.repeat([10.0, 4.0, 3.0, 2.0, 1.0], 20)
+    A = sym_matrix(ev)
+    Aj = jnp.asarray(A, DTYPE)
+    rtol = 1e-3
+    out = eigh(lambda v: Aj @ v, KEY, 6, rtol=rtol, like=jnp.ones(100, DTYPE))
+    # The default budget, 32 matvecs, holds six blocks of 5: room for six copies.
+    assert bool(jnp.all(out.converged))
+    # Kahan: an eigenvalue lies within the residual of each Ritz value, and the stop test
+    # had residual ≤ rtol·|θ|; the nearest eigenvalue to a θ near 10 is 10 (the next is 4).
+    theta = np.asarray(out.eigenvalues, np.float64)
+    np.testing.assert_allclose(theta, np.full(6, 10.0), rtol=0, atol=rtol * 10.0 * (1 + rtol))
+    assert np.all(np.abs(theta - 10.0) <= np.asarray(out.residual_norms, np.float64))
+
+
+def test_rtol_still_stops_early_without_multiplicity():
+    # The wait applies after a breakdown only: a spectrum with simple outliers stops early.
+    ev = np.concatenate([np.linspace(-1.0, 1.0, 80), [4.5, 7.0, 10.0]])
+    A = sym_matrix(ev, seed=1)
+    Aj = jnp.asarray(A, DTYPE)
+    out = eigh(lambda v: Aj @ v, KEY, 2, num_matvecs=80, rtol=1e-3, like=jnp.ones(83, DTYPE))
+    assert int(out.num_matvecs) < 80 and bool(jnp.all(out.converged))
+    np.testing.assert_allclose(out.eigenvalues, [10.0, 7.0], rtol=2e-3)
+
+
+# ---- (5) residual_norms and converged ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rtol", [1e-2, 1e-3])
+def test_converged_uses_the_users_rtol(rtol):
+    # A slowly converging top eigenvalue (an evenly spread spectrum): the run stops once the
+    # residual meets rtol, well above the old fixed 1e-4·|λ| (1e-8 in float64).
+    ev = np.linspace(0.0, 1.0, 200)
+    A = sym_matrix(ev, seed=2)
+    Aj = jnp.asarray(A, DTYPE)
+    out = eigh(lambda v: Aj @ v, KEY, 1, num_matvecs=120, rtol=rtol, like=jnp.ones(200, DTYPE))
+    assert int(out.num_matvecs) < 120  # it stopped on the test...
+    assert bool(out.converged[0])  # ...so the pair converged, to the user's tolerance
+    r = float(out.residual_norms[0])
+    assert r <= rtol * abs(float(out.eigenvalues[0]))
+    assert true_residuals(out, A)[0] <= r
+
+
+def test_converged_is_consistent_at_eigenvalues_near_zero():
+    # Three eigenvalues of 1e-16 (zero to working precision) in a full Krylov space: the
+    # Lanczos estimate |β s| is 0 or noise there; judged against rtol·|λ| ≈ 1e-20 the flags
+    # came out arbitrary. The floor on ‖T‖'s scale judges all three the same way.
+    ev = np.concatenate([np.full(3, 1e-16), np.linspace(1.0, 5.0, 17)])
+    A = sym_matrix(ev, seed=1)
+    Aj = jnp.asarray(A, DTYPE)
+    out = eigh(lambda v: Aj @ v, KEY, 3, which="SA", num_matvecs=20, like=jnp.ones(20, DTYPE))
+    r = np.asarray(out.residual_norms, np.float64)
+    assert np.all(true_residuals(out, A) <= r)
+    assert np.all(np.asarray(out.converged))
+    # Kahan: each θ is within its residual of an eigenvalue, here 1e-16; and the residual is
+    # at the floor of partial reorthogonalisation (√ε‖A‖, Simon 1984), no worse.
+    assert np.all(np.abs(np.asarray(out.eigenvalues, np.float64) - 1e-16) <= r)
+    assert np.all(r <= np.sqrt(EPS) * 5.0)
+
+
+@pytest.mark.parametrize("reortho", ["partial", "full"])
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_residual_norms_bound_the_true_residual(which, reortho):
+    # m = n: the Krylov space is all of R^n and |β_m s_m| reads 0, whatever rounding left.
+    # m < n: partially converged pairs, where the estimate is the Krylov part.
+    ev = np.concatenate([np.zeros(40), np.logspace(-3.0, 2.0, 40)])
+    A = sym_matrix(ev, seed=3)
+    Aj = jnp.asarray(A, DTYPE)
+    for m in (30, 80):
+        out = eigh(lambda v: Aj @ v, KEY, 4, which=which, num_matvecs=m, reortho=reortho,
+                   like=jnp.ones(80, DTYPE))
+        r = np.asarray(out.residual_norms, np.float64)
+        assert np.all(r > 0)
+        assert np.all(true_residuals(out, A) <= r), (m, true_residuals(out, A), r)
 
 
 # ---- (6) bfloat16 and float16 operators ----------------------------------------------------------
@@ -44,9 +141,17 @@ def test_eigh_on_a_16_bit_operator(dtype):
     out = eigh(lambda v: Ab @ v, KEY, 3, num_matvecs=m, like=like)
     assert out.eigenvalues.dtype == jnp.float32 and out.eigenvectors.dtype == dtype
     theta = np.asarray(out.eigenvalues, np.float64)
-    # Ritz values of the rounded operator are accurate to its rounding: at most 3√m·ε‖A‖
-    # (ε of the dtype), the floor of a Lanczos relation whose vectors are stored rounded.
+    r = np.asarray(out.residual_norms, np.float64)
+    # The residual bound holds for the rounded vectors, and Kahan's theorem turns it into an
+    # error bar for the eigenvalues; both sit at the rounding floor 3√m·ε‖A‖ (ε of the dtype).
+    assert np.all(true_residuals(out, A) <= r)
+    assert np.all(np.abs(theta - w) <= r)
     assert np.all(np.abs(theta - w) <= 3 * np.sqrt(m) * eps * norm)
+    assert bool(jnp.all(out.converged))
+    # The same run with rtol stops on the 16-bit floor instead of running out the budget.
+    early = eigh(lambda v: Ab @ v, KEY, 3, num_matvecs=m, rtol=1e-3, like=like)
+    assert bool(jnp.all(early.converged))
+    np.testing.assert_allclose(early.eigenvalues, w, rtol=0, atol=3 * np.sqrt(m) * eps * norm)
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=["bfloat16", "float16"])

@@ -12,8 +12,10 @@ from .._typing import PyTree
 from . import _checks, _lanczos
 
 WHICH = ("LA", "SA", "LM")
-# `converged`'s relative tolerance, by the operator's bits (16-bit: just above its ε).
-_CONVERGED_RTOL = {64: 1e-8, 32: 1e-4, 16: 1e-2}
+# `converged`'s relative tolerance when `rtol` is None, by the operator's bits: about √ε of
+# float32 and float64 (a Ritz value's error is about residual²/gap, Parlett 1980 Thm 11.7.1,
+# so these give eigenvalues near working precision), and for the 16-bit types just above ε.
+_DEFAULT_RTOL = {64: 1e-8, 32: 1e-4, 16: 1e-2}
 
 
 class EighResult(NamedTuple):
@@ -28,9 +30,20 @@ class EighResult(NamedTuple):
     eigenvectors: PyTree
     """The unit Ritz vectors: the operator's structure with a leading axis k on every leaf."""
     residual_norms: jax.Array
-    """(k,): ‖A y - λ y‖ of each pair (the Lanczos estimate |β_m s_{m,i}|, Parlett 1980)."""
+    """(k,): a bound on ‖A y - λ y‖ for each pair, r = |β_m s_{m,i}| + ρ_i: the Lanczos estimate
+    (Parlett 1980, 13.1; s_i the eigenvector of T), exact only in exact arithmetic (it reads 0
+    once the Krylov space is invariant), plus the floor ρ_i the computed Lanczos relation
+    carries and more steps do not reduce: 3√m·ε·‖T‖ of rounding (Paige 1976; ε of the
+    operator's dtype, ‖T‖ = max |Ritz value| ≤ ‖A‖) and the parts of A Q - Q T that T does
+    not hold, up to √ε‖A‖ with partial reorthogonalisation (Ritz vectors from a
+    semi-orthogonal basis are accurate to √ε: Simon 1984)."""
     converged: jax.Array
-    """(k,) bool: residual ≤ 1e-4·|λ| (float32), 1e-8·|λ| (float64) or 1e-2·|λ| (16-bit)."""
+    """(k,) bool: r ≤ rtol·|λ| with `eigh`'s `rtol` (default 1e-4 for float32, 1e-8 for
+    float64, 1e-2 for 16-bit operators), or the residual is at its floor (|β_m s_{m,i}| ≤
+    ρ_i), where more steps cannot improve it: an eigenvalue with |λ| ≲ ρ/rtol, λ ≈ 0
+    included, is then known to about ρ absolutely (|λ - λ_A| ≤ r, Kahan; Parlett 1980, 4.5.1),
+    not to rtol relatively. Either way a small residual proves that a pair is near an
+    eigenpair of A, never that no eigenvalue was missed (see `eigh`)."""
     num_matvecs: jax.Array
     """Operator applications used."""
 
@@ -39,37 +52,72 @@ def _score(theta: jax.Array, which: str) -> jax.Array:
     return {"LA": theta, "SA": -theta, "LM": jnp.abs(theta)}[which]
 
 
-def _select(state: _lanczos.Flat, k: int, which: str) -> tuple[jax.Array, ...]:
-    """Returns (theta_k, S_k (m, k), residual estimates (k,)) of the k wanted Ritz pairs."""
+class _Pairs(NamedTuple):
+    theta: jax.Array  # (k,) the wanted Ritz values
+    S: jax.Array  # (m, k) their eigenvectors of T
+    residuals: jax.Array  # (k,) the Krylov part |β s_m| plus the floor
+    ok: jax.Array  # (k,) bool: the convergence test
+
+
+def _select(state: _lanczos.Flat, k: int, which: str, rtol: float) -> _Pairs:
+    """The k wanted Ritz pairs, their residual estimates and the convergence test."""
     theta, S, valid = _lanczos.ritz(state.alphas, state.betas, state.steps)
+    dtype = theta.dtype
     score = jnp.where(valid, _score(theta, which), -jnp.inf)
     _, top = jax.lax.top_k(score, k)
+    norm_t = jnp.max(jnp.where(valid, jnp.abs(theta), jnp.zeros_like(theta)))
+    theta, S = theta[top], S[:, top]
     last = jnp.maximum(state.steps - 1, 0)
-    residuals = jnp.abs(state.betas[last] * S[last, top])
-    return theta[top], S[:, top], residuals
+    # The computed basis satisfies A Q = Q T + β q_m e_mᵀ + F, so for y = Q s,
+    # ‖A y - θ y‖ ≤ |β s_m| + ‖F s‖ (Paige 1976; Parlett 1980, 13.4). More steps shrink the
+    # first, the Krylov part; the rest is a floor they cannot: F's rounding, about ε‖A‖ per
+    # column so √m ε‖A‖ on a unit s, and forming y = Q s, about √m ε on y so 2√m ε‖A‖ on its
+    # residual: 3√m ε‖T‖ (‖T‖ = max |Ritz value| ≤ ‖A‖, ε of the stored vectors); plus what
+    # T does not hold (`Flat.defect`: couplings that restarts dropped, coefficients that
+    # reorthogonalisations discarded, up to √ε‖A‖ with partial reorthogonalisation, whose
+    # Ritz vectors are accurate to √ε only: Simon 1984), bounded by Σ_j |s_j| defect_j.
+    eps = jnp.asarray(jnp.finfo(state.basis.dtype).eps, dtype)
+    floor = (3 * jnp.sqrt(state.steps.astype(dtype)) * eps * norm_t
+             + jnp.matmul(jnp.abs(S).T, state.defect, precision=_lanczos._HIGHEST))
+    krylov = jnp.abs(state.betas[last] * S[last])
+    residuals = krylov + floor
+    # Converged: the relative tolerance is met, or the residual is at its floor, where more
+    # steps cannot improve it (for |θ| ≲ floor/rtol, λ ≈ 0 included, the eigenvalue is then
+    # known to about the floor, absolutely: Kahan's |θ - λ| ≤ residual, Parlett 1980, 4.5.1).
+    ok = (residuals <= jnp.asarray(rtol, dtype) * jnp.abs(theta)) | (krylov <= floor)
+    return _Pairs(theta, S, residuals, ok)
 
 
 def _eigh_impl(flat_op, key, *, k, which, num_matvecs, rtol, reortho):
     store = flat_op.dtype
     cdt = _lanczos.compute_dtype(store)
+    tol = _DEFAULT_RTOL[jnp.finfo(store).bits] if rtol is None else rtol
     v0 = jax.random.normal(jax.random.fold_in(key, 0), (flat_op.n,), cdt).astype(store)
     stop = None
     if rtol is not None:
 
         def stop(state):
-            theta, _, residuals = _select(state, k, which)
-            ok = residuals <= jnp.asarray(rtol, cdt) * jnp.abs(theta)
-            return (state.steps >= k) & jnp.all(ok)
+            # After a breakdown the restarted block first meets more copies of the eigenvalues
+            # the last block found (a repeated eigenvalue shows one copy per Krylov block), and
+            # the test would pass with those copies still unseen. So the new block first runs
+            # as long as the last: its random start sees what is left of A's spectrum in the
+            # complement, a subset of what the last block saw, and the Kaniel-Paige-Saad
+            # bounds (Saad 2011, 6.6) depend on that spectrum, so its copies of the wanted
+            # eigenvalues have then had the chance the last block's had.
+            explored = state.steps - state.block_start >= state.block_len
+            return (state.steps >= k) & explored & jnp.all(_select(state, k, which, tol).ok)
 
     state = _lanczos.lanczos_flat(
         flat_op.matvec, v0, num_matvecs, reortho=reortho, restart_key=jax.random.fold_in(key, 1),
         stop=stop, check_every=max(2, num_matvecs // 8),
     )
-    theta, S_k, residuals = _select(state, k, which)
-    vectors = _lanczos.dot(S_k.T.astype(store), state.basis, cdt).astype(store)
-    tol = jnp.asarray(_CONVERGED_RTOL[jnp.finfo(store).bits], cdt)
-    converged = residuals <= tol * jnp.abs(theta)
-    return EighResult(theta, jax.vmap(flat_op.unravel)(vectors), residuals, converged, state.steps)
+    pairs = _select(state, k, which, tol)
+    vectors = _lanczos.dot(pairs.S.T.astype(store), state.basis, cdt).astype(store)
+    # `done` is set by the stop test alone here (breakdowns restart): it passed on this state,
+    # and recomputing T's eigenpairs outside the loop may round a borderline pair differently.
+    converged = pairs.ok | state.done
+    return EighResult(pairs.theta, jax.vmap(flat_op.unravel)(vectors), pairs.residuals,
+                      converged, state.steps)
 
 
 def eigh(
@@ -91,10 +139,19 @@ def eigh(
     (`jnp.linalg.eigh` of an m×m matrix). Extreme eigenvalues converge first, fastest where they
     are well separated from the rest of the spectrum (Kaniel-Paige-Saad bounds; Saad 2011,
     ch. 6). The residual of each pair is the standard estimate |β_m s_{m,i}| (s_{m,i} the last
-    component of T's eigenvector), equal to ‖A y - λ y‖ up to rounding. Cost: m operator
-    applications, the m×n basis in memory and two passes over it per reorthogonalising step
-    (every step with `reortho="full"`; with "partial", those where the ω-recurrence says
-    orthogonality would fall below √ε, and the step after each).
+    component of T's eigenvector), floored by the rounding of the iteration (see
+    `EighResult.residual_norms`). Cost: m operator applications, the m×n basis in memory and
+    two passes over it per reorthogonalising step (every step with `reortho="full"`; with
+    "partial", those where the ω-recurrence says orthogonality would fall below √ε, and the
+    step after each).
+
+    What a residual cannot tell: a Krylov space holds one copy of each eigenvalue its start
+    vector touches, so a repeated eigenvalue shows once until the space is exhausted (a
+    breakdown: the iteration then restarts from a random vector orthogonal to the basis and
+    finds the next copy), and an eigenvalue whose eigenvector the start vector barely touches
+    converges late. Small residuals prove that each returned pair is near an eigenpair of A,
+    never that none was missed or that the multiplicities are complete: give `num_matvecs`
+    room, and compare runs from different keys when that matters.
 
     16-bit operators (bfloat16, float16): vectors stay in the operator's dtype; the scalar
     recurrences, norms, dot products and T's eigenproblem run in float32, and `eigenvalues`
@@ -109,8 +166,11 @@ def eigh(
             magnitude).
         num_matvecs: The number of operator applications, at most n; default
             min(n, max(4k, 32)). With `rtol`, the cap.
-        rtol: Stop early, once the k wanted pairs have residual ≤ rtol·|λ| (checked every
-            max(2, num_matvecs // 8) steps); default None runs all num_matvecs steps.
+        rtol: Stop early, once the k wanted pairs pass `converged`'s test with this tolerance
+            (see `EighResult.converged`; checked every max(2, num_matvecs // 8) steps) and,
+            after a restart, once the new Krylov block has run as many steps as the one before
+            it (so copies of a repeated eigenvalue get their chance); default None runs all
+            num_matvecs steps. `converged` uses it too.
         reortho: "partial" (default: eigenvectors orthogonal to about √ε) or "full"
             (orthogonal to working precision, a reorthogonalisation every step); see
             `lanczos`.

@@ -68,6 +68,11 @@ class Flat(NamedTuple):
     omega_prev: jax.Array  # (m,) the same for row j - 1
     force: jax.Array  # () bool: reorthogonalise the next vector (the second of a pair)
     reorthos: jax.Array  # () int32: steps that reorthogonalised against the basis
+    block_start: jax.Array  # () int32: the row where the current Krylov block began
+    block_len: jax.Array  # () int32: the length of the block before it (0 before any restart)
+    defect: jax.Array  # (m,) the norm of column j of F = A Q - Q T - β q_m e_mᵀ that T does
+    #                     not hold (a coupling a restart set to 0, coefficients a
+    #                     reorthogonalisation discarded); residual estimates need it
 
 
 def _project_out(basis: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -111,7 +116,7 @@ def init(v0: jax.Array, num_matvecs: int) -> Flat:
     zeros = jnp.zeros(num_matvecs, cdt)
     false, zero = jnp.zeros((), bool), jnp.zeros((), jnp.int32)
     return Flat(basis, zeros, zeros, zero, false, jnp.zeros((), cdt), zeros.at[0].set(1),
-                zeros, false, zero)
+                zeros, false, zero, zero, zero, zeros)
 
 
 def _omega(state: Flat, alpha: jax.Array, beta: jax.Array, scale: jax.Array,
@@ -160,21 +165,30 @@ def step(matvec: Callable, state: Flat, reortho: str, restart_key: Any = None) -
         # Semi-orthogonality (‖QᵀQ − I‖ ≤ √ε) keeps T's Ritz values accurate to ε‖A‖ and
         # ghost-free (Simon 1984, Theorem 4).
         omega = _omega(state, alpha, beta, scale, eps)
-        need = state.force | (jnp.max(jnp.abs(omega)) > jnp.sqrt(eps))
+        # After a restart the coupling it dropped (below √ε‖A‖, see below) gives every new
+        # A q a component along the old block that the recurrence never subtracts (T holds 0
+        # there) and the ω-recurrence does not model: from then on every step
+        # reorthogonalises (restarts take few distinct eigenvalues or repeated ones: rare).
+        need = (state.force | (jnp.max(jnp.abs(omega)) > jnp.sqrt(eps))
+                | (state.block_start > 0))
     else:
         omega = state.omega
         need = jnp.asarray(reortho == "full")
+    zero = jnp.zeros((), dtype)
+    lost = zero
     if reortho != "none":
         def reorthogonalise(w):
             w, c = _orthogonalise(basis, w, eps)
-            # The coefficient on q_j refines alpha: T stays QᵀAQ to working precision.
-            return w, c[j], jnp.linalg.norm(w)
+            # The coefficient on q_j refines alpha: T stays QᵀAQ to working precision. The
+            # others (on q_{j-1} too: T keeps beta_{j-1}) leave T; the computed relation
+            # A Q = Q T + ... carries them in column j, and so must the residual estimates.
+            return w, c[j], jnp.linalg.norm(w), jnp.linalg.norm(c.at[j].set(0))
 
         if reortho == "full":
-            w, dalpha, beta = reorthogonalise(w)
+            w, dalpha, beta, lost = reorthogonalise(w)
         else:
-            w, dalpha, beta = jax.lax.cond(
-                need, reorthogonalise, lambda w: (w, jnp.zeros((), dtype), beta), w)
+            w, dalpha, beta, lost = jax.lax.cond(
+                need, reorthogonalise, lambda w: (w, zero, beta, zero), w)
         alpha = alpha + dalpha
     # beta is ‖w‖ already: one pass over w fewer per step.
     w = w / jnp.where(beta > 0, beta, jnp.ones_like(beta))
@@ -184,6 +198,14 @@ def step(matvec: Callable, state: Flat, reortho: str, restart_key: Any = None) -
     broken = beta <= eps * scale
     last = j + 1 >= m
     if restart_key is not None:
+        # With restarts, a near-breakdown counts too, beta ≤ √ε‖T‖: there the next vector
+        # would carry more than √ε of rounding (ε‖A‖/beta, the ω-recurrence's local term)
+        # and span(Q) is invariant to √ε: exact-arithmetic breakdowns blur in floating point
+        # (the blocks of a repeated eigenvalue end at beta ≈ 10 to 10⁵ ε‖A‖, not at 0).
+        # Dropping the coupling moves T's eigenvalues by beta²/gap ≤ ε‖A‖²/gap for separated
+        # ones, and `defect` keeps it for the residual estimates.
+        broken = beta <= jnp.sqrt(eps) * scale
+
         def fresh(_):
             r = jax.random.normal(jax.random.fold_in(restart_key, j + 1), (n,), dtype)
             r, _ = _orthogonalise(basis, r, eps)
@@ -197,6 +219,16 @@ def step(matvec: Callable, state: Flat, reortho: str, restart_key: Any = None) -
     else:
         w = jnp.where(broken, jnp.zeros_like(w), w)
         done = state.done | (broken & ~last)
+    restart = broken & ~last & (restart_key is not None)
+    # Where the new block starts, and how long the finished one ran: the new block explores
+    # the complement and first meets other copies of what the last one found, so `eigh`
+    # waits that long before it trusts a stop test again.
+    block_start = jnp.where(restart, j + 1, state.block_start)
+    block_len = jnp.where(restart, j + 1 - state.block_start, state.block_len)
+    # Column j of A Q - Q T - β q_m e_mᵀ: the coupling a restart dropped plus the coefficients
+    # a reorthogonalisation discarded (a bound: the first is orthogonal to the basis, the
+    # second in its span).
+    defect = state.defect.at[j].set(jnp.where(restart, beta, zero) + lost)
     beta = jnp.where(broken & ~last, jnp.zeros_like(beta), beta)
     idx = jnp.arange(m, dtype=j.dtype)
     # After a reorthogonalisation (or a restart, orthogonal by construction) q_{j+1} is
@@ -211,7 +243,7 @@ def step(matvec: Callable, state: Flat, reortho: str, restart_key: Any = None) -
     )
     return Flat(basis, alphas.at[j].set(alpha), betas.at[j].set(beta), j + 1, done, scale,
                 omega, state.omega, need & ~state.force & (reortho == "partial"),
-                state.reorthos + need.astype(jnp.int32))
+                state.reorthos + need.astype(jnp.int32), block_start, block_len, defect)
 
 
 def lanczos_flat(
