@@ -1,14 +1,14 @@
 """What eigh's results promise (issue #15, "never silently wrong").
 
 Multiplicities under `rtol`, `residual_norms` as a bound on the true residual, `converged` under
-the user's tolerance, 16-bit operators.
+the user's tolerance, 16-bit operators, and derivatives of eigenvalues (Hellmann-Feynman).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import DTYPE
+from helpers import DTYPE, X64
 from jax.flatten_util import ravel_pytree
 
 import jhvp
@@ -200,3 +200,147 @@ def test_lanczos_density_power_and_solve_on_a_16_bit_operator(dtype):
     A2 = A + 2.0 * np.eye(n)
     assert bool(sol.converged)
     assert np.linalg.norm(A2 @ x - 1.0) <= rtol * np.sqrt(n) + eps * (norm + 2) * np.linalg.norm(x)
+
+
+# ---- (11) derivatives of eigenvalues -------------------------------------------------------------
+
+
+def mlp_loss(params, x, y):
+    h = jnp.tanh(x @ params["w1"])
+    return jnp.mean((h @ params["w2"] - y) ** 2)
+
+
+def mlp_setup():
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    params = {"w1": 0.7 * jax.random.normal(k1, (3, 6), DTYPE),
+              "w2": 0.7 * jax.random.normal(k2, (6,), DTYPE)}
+    x = jax.random.normal(k3, (16, 3), DTYPE)
+    return params, x, jnp.sin(x[:, 0])
+
+
+def sharpness(params, x, y):
+    # The operator is built inside the differentiated function: its residuals carry the
+    # derivative with respect to the parameters.
+    op = jhvp.hessian_operator(mlp_loss, (params, x, y))
+    return eigh(op, KEY, 1, num_matvecs=24).eigenvalues[0]
+
+
+def dense_sharpness(params, x, y):
+    flat, unravel = ravel_pytree(params)
+    H = jax.hessian(lambda z: mlp_loss(unravel(z), x, y))(flat)
+    return jnp.linalg.eigh(H)[0][-1]
+
+
+def eigenvector_tol(residual, eigenvalues, index):
+    """How far a derivative y yᵀ-shaped in the Ritz vector y may move: 2 sin∠(y, u) ≤
+    2·residual/gap (Davis-Kahan), gap to the nearest other eigenvalue."""
+    others = np.delete(eigenvalues, index)
+    return 2 * residual / np.abs(others - eigenvalues[index]).min()
+
+
+def test_sharpness_gradient_matches_the_dense_eigenvalue_derivative():
+    params, x, y = mlp_setup()
+    g = ravel_pytree(jax.grad(sharpness)(params, x, y))[0]
+    ref = ravel_pytree(jax.grad(dense_sharpness)(params, x, y))[0]
+    # Both are y₁ᵀ(∂H)y₁ for the simple λ_max (m = n = 24: converged); they differ through
+    # the Ritz vector's error, bounded by its residual (and the dense vector's, far smaller).
+    op = jhvp.hessian_operator(mlp_loss, (params, x, y))
+    r = float(eigh(op, KEY, 1, num_matvecs=24).residual_norms[0])
+    H = np.asarray(op.as_matrix(), np.float64)
+    rel = eigenvector_tol(r, np.linalg.eigvalsh(H), -1)
+    np.testing.assert_allclose(g, ref, rtol=0, atol=rel * float(jnp.linalg.norm(ref)))
+    # Forward mode (Cauchy-Schwarz with ‖d‖), and the batch (an array inside the operator).
+    d = jax.tree.map(jnp.ones_like, params)
+    _, t = jax.jvp(lambda p: sharpness(p, x, y), (params,), (d,))
+    _, t_ref = jax.jvp(lambda p: dense_sharpness(p, x, y), (params,), (d,))
+    np.testing.assert_allclose(t, t_ref, rtol=0,
+                               atol=rel * float(jnp.linalg.norm(ref)) * np.sqrt(ref.size))
+    gx = jax.grad(sharpness, argnums=1)(params, x, y)
+    gx_ref = jax.grad(dense_sharpness, argnums=1)(params, x, y)
+    np.testing.assert_allclose(gx, gx_ref, rtol=0, atol=rel * float(jnp.linalg.norm(gx_ref)))
+
+
+def test_sharpness_gradient_matches_finite_differences():
+    params, x, y = mlp_setup()
+    flat, unravel = ravel_pytree(params)
+    d = jax.random.normal(jax.random.key(5), flat.shape, DTYPE)
+    d = d / jnp.linalg.norm(d)
+    g = float(jnp.vdot(ravel_pytree(jax.grad(sharpness)(params, x, y))[0], d))
+
+    def central(h):
+        up = float(sharpness(unravel(flat + h * d), x, y))
+        down = float(sharpness(unravel(flat - h * d), x, y))
+        return (up - down) / (2 * h)
+
+    # Central differences: truncation O(h²), estimated from two steps (Richardson), and
+    # rounding of λ (a few ε|λ| per evaluation, Lanczos being backward stable) over h.
+    h = 1e-2 if not X64 else 1e-5
+    fd, fd2 = central(h), central(2 * h)
+    lam = abs(float(sharpness(params, x, y)))
+    tol = abs(fd2 - fd) + 100 * EPS * lam / h
+    assert abs(g - fd) <= tol, (g, fd, fd2, tol)
+
+
+def test_gradient_through_a_partial_operator_and_power_iteration():
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((20, 20))
+    A = jnp.asarray(M + M.T, DTYPE)
+    like = jnp.ones(20, DTYPE)
+
+    def matvec(A, v):
+        return A @ v
+
+    def top2(A):
+        op = jax.tree_util.Partial(matvec, A)
+        return eigh(op, KEY, 2, num_matvecs=20, like=like).eigenvalues.sum()
+
+    def dense_top2(A):
+        return jnp.linalg.eigvalsh(A)[-2:].sum()
+
+    w, U = np.linalg.eigh(np.asarray(A, np.float64))
+    # d(λ₁ + λ₂)/dA = y₁y₁ᵀ + y₂y₂ᵀ, each off by at most 2·residual/gap (m = n: converged).
+    r = np.asarray(eigh(jax.tree_util.Partial(matvec, A), KEY, 2, num_matvecs=20,
+                        like=like).residual_norms, np.float64)
+    tol = eigenvector_tol(r[0], w, 19) + eigenvector_tol(r[1], w, 18)
+    np.testing.assert_allclose(jax.grad(top2)(A), jax.grad(dense_top2)(A), rtol=0, atol=tol)
+
+    def largest_magnitude(A):
+        op = jax.tree_util.Partial(matvec, A)
+        out = power_iteration(op, KEY, max_iters=2000, rtol=1e-7 if X64 else 1e-5, like=like)
+        return out.eigenvalues[0]
+
+    top = np.argmax(np.abs(w))
+    # Power iteration stops at residual ≤ rtol|λ|: y yᵀ is within 2·rtol|λ|/gap of u uᵀ.
+    tol = eigenvector_tol((1e-7 if X64 else 1e-5) * abs(w[top]), w, top)
+    np.testing.assert_allclose(jax.grad(largest_magnitude)(A), np.outer(U[:, top], U[:, top]),
+                               rtol=0, atol=tol)
+
+
+def test_repeated_eigenvalue_derivative_is_a_rayleigh_quotient_of_the_perturbation():
+    # λ_max = 3 twice: not differentiable. What comes back is y₁ᵀ E y₁ for the returned y₁ in
+    # the eigenspace U, which lies between the extreme eigenvalues of Uᵀ E U (and is a
+    # subgradient of the convex λ_max).
+    A = jnp.asarray(np.diag([3.0, 3.0, 1.0, 0.5, 0.0]), DTYPE)
+    E = np.random.default_rng(4).standard_normal((5, 5))
+    E = jnp.asarray(E + E.T, DTYPE)
+    like = jnp.ones(5, DTYPE)
+
+    def top(t):
+        op = jax.tree_util.Partial(lambda M, v: M @ v, A + t * E)
+        return eigh(op, KEY, 1, num_matvecs=5, like=like).eigenvalues[0]
+
+    slope = float(jax.grad(top)(jnp.zeros((), DTYPE)))
+    bounds = np.linalg.eigvalsh(np.asarray(E, np.float64)[:2, :2])
+    assert bounds[0] - 1e3 * EPS <= slope <= bounds[1] + 1e3 * EPS
+
+
+def test_eigenvectors_and_residuals_carry_no_derivative():
+    A = jnp.asarray(sym_matrix(np.linspace(1.0, 4.0, 8), seed=6), DTYPE)
+    like = jnp.ones(8, DTYPE)
+
+    def rest(A):
+        out = eigh(jax.tree_util.Partial(lambda M, v: M @ v, A), KEY, 2, num_matvecs=8,
+                   like=like)
+        return jnp.sum(out.eigenvectors ** 3) + jnp.sum(out.residual_norms)
+
+    np.testing.assert_array_equal(jax.grad(rest)(A), np.zeros((8, 8)))

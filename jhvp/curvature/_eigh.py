@@ -22,7 +22,8 @@ class EighResult(NamedTuple):
     """Approximate eigenpairs of a symmetric operator, most extreme first.
 
     Scalars (`eigenvalues`, `residual_norms`) have the operator's dtype, float32 for a
-    bfloat16 or float16 operator; eigenvectors have the operator's dtype.
+    bfloat16 or float16 operator; eigenvectors have the operator's dtype. Under `jax.grad` or
+    `jax.jvp` only `eigenvalues` carry derivatives (see `eigh`).
     """
 
     eigenvalues: jax.Array
@@ -88,10 +89,59 @@ def _select(state: _lanczos.Flat, k: int, which: str, rtol: float) -> _Pairs:
     return _Pairs(theta, S, residuals, ok)
 
 
+def _differentiable(flat_op: Any) -> tuple[Any, Any]:
+    """Splits the operator's traced arrays from its matvec: (frozen matvec, attach).
+
+    `frozen(x)` applies the operator with its arrays cut from autodiff (the iterations are a
+    `lax.while_loop`, which reverse mode cannot differentiate, and need no derivatives);
+    `attach(theta, Y)` returns the eigenvalues theta with the Hellmann-Feynman derivative
+    dθ_i = y_iᵀ (dA) y_i (Magnus 1985) attached as a `jax.custom_jvp` on those arrays, dA·y
+    the JVP of the matvec with respect to them at y. The arrays are this program's arguments
+    (`_protocol.run`) reached only through the matvec's closure: tracing it once
+    (`jax.make_jaxpr`) hoists them into explicit arguments, as `jax.closure_convert` does
+    (whose global cache would keep the user's operator alive).
+    """
+    closed = jax.make_jaxpr(flat_op.matvec)(jnp.zeros((flat_op.n,), flat_op.dtype))
+    consts = list(closed.consts)
+    hoist = [i for i, c in enumerate(consts)
+             if isinstance(c, jax.core.Tracer) and jnp.issubdtype(c.dtype, jnp.inexact)]
+
+    def matvec(x, arrays):
+        bound = list(consts)
+        for i, a in zip(hoist, arrays, strict=True):
+            bound[i] = a
+        return jax.core.eval_jaxpr(closed.jaxpr, bound, x)[0]
+
+    arrays = tuple(consts[i] for i in hoist)
+    frozen_arrays = tuple(jax.lax.stop_gradient(a) for a in arrays)
+
+    @jax.custom_jvp
+    def eigenvalues(arrays, theta, vectors):
+        del arrays, vectors
+        return theta
+
+    @eigenvalues.defjvp
+    def _(primals, tangents):
+        arrays, theta, vectors = primals
+        d_arrays = tangents[0]
+
+        def rayleigh(y):
+            _, dy = jax.jvp(lambda a: matvec(y, a), (arrays,), (d_arrays,))
+            return _lanczos.dot(y, dy, theta.dtype)
+
+        return theta, jax.vmap(rayleigh)(vectors)
+
+    def attach(theta, vectors):
+        return eigenvalues(arrays, theta, jax.lax.stop_gradient(vectors))
+
+    return (lambda x: matvec(x, frozen_arrays)), attach
+
+
 def _eigh_impl(flat_op, key, *, k, which, num_matvecs, rtol, reortho):
     store = flat_op.dtype
     cdt = _lanczos.compute_dtype(store)
     tol = _DEFAULT_RTOL[jnp.finfo(store).bits] if rtol is None else rtol
+    matvec, attach = _differentiable(flat_op)
     v0 = jax.random.normal(jax.random.fold_in(key, 0), (flat_op.n,), cdt).astype(store)
     stop = None
     if rtol is not None:
@@ -108,7 +158,7 @@ def _eigh_impl(flat_op, key, *, k, which, num_matvecs, rtol, reortho):
             return (state.steps >= k) & explored & jnp.all(_select(state, k, which, tol).ok)
 
     state = _lanczos.lanczos_flat(
-        flat_op.matvec, v0, num_matvecs, reortho=reortho, restart_key=jax.random.fold_in(key, 1),
+        matvec, v0, num_matvecs, reortho=reortho, restart_key=jax.random.fold_in(key, 1),
         stop=stop, check_every=max(2, num_matvecs // 8),
     )
     pairs = _select(state, k, which, tol)
@@ -116,8 +166,9 @@ def _eigh_impl(flat_op, key, *, k, which, num_matvecs, rtol, reortho):
     # `done` is set by the stop test alone here (breakdowns restart): it passed on this state,
     # and recomputing T's eigenpairs outside the loop may round a borderline pair differently.
     converged = pairs.ok | state.done
-    return EighResult(pairs.theta, jax.vmap(flat_op.unravel)(vectors), pairs.residuals,
-                      converged, state.steps)
+    theta = attach(pairs.theta, vectors)
+    return EighResult(theta, jax.vmap(flat_op.unravel)(vectors), pairs.residuals, converged,
+                      state.steps)
 
 
 def eigh(
@@ -152,6 +203,19 @@ def eigh(
     converges late. Small residuals prove that each returned pair is near an eigenpair of A,
     never that none was missed or that the multiplicities are complete: give `num_matvecs`
     room, and compare runs from different keys when that matters.
+
+    Derivatives: `jax.grad` and `jax.jvp` of `eigenvalues` with respect to the arrays inside
+    `op` (a `jhvp.HessianOperator` built inside the differentiated function, its parameters
+    and batch; the arrays of a `jax.tree_util.Partial` or an Equinox module) use the
+    Hellmann-Feynman formula dλ_i = y_iᵀ (dA) y_i (Magnus 1985), exact for a simple eigenvalue
+    whose pair has converged (the error grows with the residual), at the cost of one JVP of
+    the operator per eigenvalue; no derivative flows through the iterations. A repeated
+    eigenvalue has no derivative; the formula then returns the Rayleigh quotient of dA at the
+    returned vector y_i, a point in the range of the eigenvalues of dA restricted to the
+    eigenspace (for the largest eigenvalue, a convex function of A, it is a subgradient:
+    Overton 1992). `eigenvectors` and `residual_norms` carry no derivative
+    (`jax.lax.stop_gradient`). Arrays a plain closure captures are constants, as under
+    `jax.jit`, and get no derivative.
 
     16-bit operators (bfloat16, float16): vectors stay in the operator's dtype; the scalar
     recurrences, norms, dot products and T's eigenproblem run in float32, and `eigenvalues`
@@ -194,6 +258,15 @@ def eigh(
         [10.  9.]
         >>> out.eigenvectors.shape
         (2, 10)
+
+        The sharpness λ_max(∇²f) differentiated with respect to the parameters:
+
+        >>> f = lambda w: jnp.sum(jnp.arange(1.0, 4.0) * w ** 4) / 12  # H = diag(i·w_i²)
+        >>> top = lambda w: jhvp.curvature.eigh(jhvp.hessian_operator(f, (w,)),
+        ...                                     jax.random.key(0), num_matvecs=3).eigenvalues[0]
+        >>> grad = jax.grad(top)(jnp.ones(3))  # λ_max = 3·w_3², so d/dw_3 = 6·w_3
+        >>> print([round(float(g), 3) for g in grad])
+        [0.0, 0.0, 6.0]
     """
     api = "jhvp.curvature.eigh"
     struct = _protocol.structure(op, like, api)
@@ -223,11 +296,12 @@ def _power_impl(flat_op, key, *, max_iters, rtol):
     store = flat_op.dtype
     dtype = _lanczos.compute_dtype(store)
     tol = jnp.asarray(rtol, dtype)
+    matvec, attach = _differentiable(flat_op)
 
     def apply(v):
         # The Rayleigh quotient and the residual of v come with its application: no extra cost.
         # Vectors are stored in the operator's dtype, the arithmetic runs in `dtype`.
-        w = flat_op.matvec(v.astype(store)).astype(dtype)
+        w = matvec(v.astype(store)).astype(dtype)
         lam = jnp.vdot(v, w)
         return w, lam, jnp.linalg.norm(w - lam * v)
 
@@ -251,8 +325,8 @@ def _power_impl(flat_op, key, *, max_iters, rtol):
     carry = (jnp.ones((), jnp.int32), v, w, jnp.asarray(jnp.inf, dtype), residual, lam)
     i, v, _, change, residual, lam = jax.lax.while_loop(cond, body, carry)
     vectors = v[None, :].astype(store)
-    return EighResult(lam[None], jax.vmap(flat_op.unravel)(vectors), residual[None],
-                      ok(change, residual, lam)[None], i)
+    return EighResult(attach(lam[None], vectors), jax.vmap(flat_op.unravel)(vectors),
+                      residual[None], ok(change, residual, lam)[None], i)
 
 
 def power_iteration(
@@ -269,7 +343,8 @@ def power_iteration(
     |λ₂/λ₁| per step (Golub & Van Loan 2013, 7.3.1): prefer `eigh`, whose Lanczos basis
     converges much faster for the same number of applications, unless memory is the limit.
     Stops when both the relative change of λ and the relative residual ‖A v - λ v‖/|λ| are
-    ≤ rtol, or after `max_iters` applications. 16-bit operators work as for `eigh`.
+    ≤ rtol, or after `max_iters` applications. Derivatives of the eigenvalue with respect to
+    the operator's arrays, and 16-bit operators, work as for `eigh`.
 
     Args:
         op: A `jhvp.HessianOperator` (or any jhvp operator), or a symmetric linear callable on
