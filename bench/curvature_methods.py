@@ -130,8 +130,11 @@ def _jax(task: str, method: str, case: Case, dtype: str):  # noqa: C901 (one bra
                     "num_matvecs": out.num_matvecs}
     elif method == "jhvp_density":
         def solve(state):
+            # All probes vmapped at once, as matfree's SLQ below runs them (the default,
+            # batch_size=1, keeps one Lanczos basis alive at a time instead).
             out = curvature.spectral_density(state[0], key, num_probes=DENSITY_PROBES,
-                                             num_matvecs=DENSITY_MATVECS)
+                                             num_matvecs=DENSITY_MATVECS,
+                                             batch_size=DENSITY_PROBES)
             return {"nodes": np.asarray(out.nodes), "weights": np.asarray(out.weights),
                     "num_matvecs": DENSITY_PROBES * DENSITY_MATVECS}
     elif method.startswith("loop_"):

@@ -100,8 +100,11 @@ class SymmetricOperator:
             >>> op.in_structure()
             ShapeDtypeStruct(shape=(3,), dtype=float32)
         """
-        return jax.tree.map(lambda g: jax.ShapeDtypeStruct(jnp.shape(g), jnp.result_type(g)),
-                            self.grad)
+        return jax.tree.map(
+            lambda g: jax.ShapeDtypeStruct(jnp.shape(g), jnp.result_type(g),
+                                           sharding=named_sharding(g)),
+            self.grad,
+        )
 
     def as_matrix(self) -> jax.Array:
         """Returns the dense n×n matrix, parameters ordered as `jax.flatten_util.ravel_pytree`.
@@ -123,6 +126,20 @@ class SymmetricOperator:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(n={self.shape[0]}, value={self.value!r})"
+
+
+def named_sharding(x: Any) -> jax.sharding.NamedSharding | None:
+    """The `NamedSharding` of a concrete array spread over more than one device, else None.
+
+    It travels in a structure's `jax.ShapeDtypeStruct`, so that the vectors the algorithms of
+    `jhvp.curvature` create get the parameters' layout. Traced arrays (inside a user's
+    `jax.jit`) have none: there XLA's sharding propagation lays them out.
+    """
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        sharding = x.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
+            return sharding
+    return None
 
 
 def apply_traced(op: SymmetricOperator, vecs: list) -> PyTree:
@@ -153,7 +170,8 @@ def _leaf_struct(leaf: Any, path: tuple, api: str, name: str) -> jax.ShapeDtypeS
     if isinstance(leaf, jax.ShapeDtypeStruct):
         struct = leaf
     elif _filter.is_array(leaf):
-        struct = jax.ShapeDtypeStruct(np.shape(leaf), jnp.result_type(leaf))
+        struct = jax.ShapeDtypeStruct(np.shape(leaf), jnp.result_type(leaf),
+                                      sharding=named_sharding(leaf))
     elif isinstance(leaf, float):
         struct = jax.ShapeDtypeStruct((), jnp.result_type(float))
     else:
@@ -197,8 +215,31 @@ def structure(op: Any, like: PyTree, api: str, *, name: str = "like") -> PyTree:
     return jax.tree.unflatten(treedef, [_leaf_struct(x, p, api, name) for p, x in with_path])
 
 
+class TreeOperator(NamedTuple):
+    """An operator seen as a map on vectors with its structure, built at trace time by `on_trees`.
+
+    Its vectors have `struct`'s leaves, every one in `dtype` (the structure's promoted dtype, as
+    `jax.flatten_util.ravel_pytree` would give); `matvec` casts each leaf to the operator's own
+    dtype on the way in and back on the way out. Nothing is concatenated: each leaf keeps its
+    shape, and so the sharding XLA gives it.
+    """
+
+    matvec: Callable[[PyTree], PyTree]
+    """A vector -> A·vector, both with `struct`'s structure and leaves of `dtype`."""
+    struct: PyTree
+    """The vectors' structure: `jax.ShapeDtypeStruct` leaves (with a sharding where known)."""
+    n: int
+    """The number of scalar entries of a vector."""
+    dtype: Any
+    """The dtype of every leaf of a vector."""
+
+    def to_struct(self, tree: PyTree) -> PyTree:
+        """Casts each leaf of `tree` (leading axes allowed) to its structure's dtype."""
+        return jax.tree.map(lambda x, s: x.astype(s.dtype), tree, self.struct)
+
+
 class FlatOperator(NamedTuple):
-    """An operator seen as a map on flat vectors, built at trace time by `flatten`."""
+    """An operator seen as a map on flat vectors (`jhvp.interop`, whose SciPy needs them)."""
 
     matvec: Callable[[jax.Array], jax.Array]
     """(n,) -> (n,): unravel, apply the operator, ravel."""
@@ -236,37 +277,59 @@ def _check_output(out: PyTree, struct: PyTree, api: str, name: str) -> None:
             )
 
 
+def on_trees(op: Any, struct: PyTree, api: str, name: str = "like") -> TreeOperator:
+    """Returns `op` as a `TreeOperator` on vectors with `struct`'s structure.
+
+    Called at trace time. The first application checks (once, at trace time) that `op` returns
+    vectors of `struct`'s shapes.
+    """
+    leaves = jax.tree.leaves(struct)
+    dtype = jnp.result_type(*(s.dtype for s in leaves))
+    checked = []
+
+    def matvec(x: PyTree) -> PyTree:
+        x = jax.tree.map(lambda v, s: v.astype(s.dtype), x, struct)
+        if checked:
+            out = op(x)
+        else:
+            try:
+                out = op(x)
+            except (TypeError, ValueError) as err:
+                # Most often the structure has the wrong shapes for op: say so, not a bare
+                # dot_general.
+                raise ValueError(
+                    f"{api}: `{name}` does not match what op accepts: applying op to a "
+                    f"vector with the structure of `{name}` ({struct}) raised "
+                    f"{type(err).__name__}: {err}"
+                ) from err
+            _check_output(out, struct, api, name)
+            checked.append(True)
+        return jax.tree.map(lambda v: jnp.asarray(v, dtype), out)
+
+    return TreeOperator(matvec, struct, size(struct), dtype)
+
+
 def flatten(op: Any, struct: PyTree, api: str, name: str = "like") -> FlatOperator:
     """Returns `op` as a `FlatOperator` over `jax.flatten_util.ravel_pytree` order.
 
-    Called at trace time: the zeros used to build `unravel` are dead code XLA removes. The first
-    application checks (once, at trace time) that `op` returns vectors of `struct`'s shapes.
+    For `jhvp.interop`, the one place that ravels. Called at trace time: the zeros used to build
+    `unravel` are dead code XLA removes.
     """
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), struct)
+    tree_op = on_trees(op, struct, api, name)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, tree_op.dtype), struct)
     flat, unravel = ravel_pytree(zeros)
     dtype = flat.dtype
-    checked = []
 
     def ravel(tree: PyTree) -> jax.Array:
         return jnp.asarray(ravel_pytree(tree)[0], dtype)
 
     def matvec(x: jax.Array) -> jax.Array:
-        if checked:
-            return ravel(op(unravel(x)))
-        try:
-            out = op(unravel(x))
-        except (TypeError, ValueError) as err:
-            # Most often the structure has the wrong shapes for op: say so, not a bare dot_general.
-            raise ValueError(
-                f"{api}: `{name}` does not match what op accepts: applying op to a "
-                f"vector with the structure of `{name}` ({struct}) raised {type(err).__name__}: "
-                f"{err}"
-            ) from err
-        _check_output(out, struct, api, name)
-        checked.append(True)
-        return ravel(out)
+        return ravel(tree_op.matvec(unravel(x)))
 
-    return FlatOperator(matvec, int(flat.size), dtype, unravel, ravel)
+    def unravel_struct(x: jax.Array) -> PyTree:
+        return tree_op.to_struct(unravel(x))
+
+    return FlatOperator(matvec, tree_op.n, dtype, unravel_struct, ravel)
 
 
 def gradient_form(op: Any, vector: PyTree) -> PyTree:
@@ -297,8 +360,10 @@ _PROGRAMS = _cache.table("operator programs")
 
 
 def run(impl: Callable, op: Any, struct: PyTree, *args: Any, api: str, name: str = "like",
-        **config: Any) -> Any:
-    """Runs `impl(flat_op, *args, **config)` as one compiled program with `op` as an argument.
+        view: Callable = on_trees, **config: Any) -> Any:
+    """Runs `impl(view(op, ...), *args, **config)` as one compiled program, `op` an argument.
+
+    `view` is `on_trees` (a `TreeOperator`: `jhvp.curvature`) or `flatten` (`jhvp.interop`).
 
     The operator's arrays are traced arguments, never closed over: closing over them bakes them
     into the executable as constants (measured 3.4x slower on a 2M-element problem). Its other
@@ -309,13 +374,13 @@ def run(impl: Callable, op: Any, struct: PyTree, *args: Any, api: str, name: str
     """
     leaves, treedef, arrays, op_key = _filter.partition(op)
     struct_leaves, struct_tree = jax.tree.flatten(struct)
-    key = (impl, op_key, struct_tree, tuple(struct_leaves), api, name,
+    key = (impl, view, op_key, struct_tree, tuple(struct_leaves), api, name,
            tuple(sorted(config.items())))
 
     def make_jitted(slot: _cache.Slot) -> Callable:
         def program(arrays: list, args: tuple):
             op = _filter.combine(arrays, slot.leaves, slot.treedef)
-            return impl(flatten(op, struct, api, name), *args, **config)
+            return impl(view(op, struct, api, name), *args, **config)
 
         program.__name__ = program.__qualname__ = f"jhvp_{api.rpartition('.')[2]}"
         return jax.jit(program)

@@ -97,7 +97,7 @@ def to_scipy(op: Any, *, like: PyTree = None) -> Any:
     n = sum(math.prod(s.shape) for s in jax.tree.leaves(struct))
 
     def real_matmat(xs: np.ndarray) -> np.ndarray:
-        out = _protocol.run(_matmat, op, struct, xs, api="jhvp.to_scipy")
+        out = _protocol.run(_matmat, op, struct, xs, api="jhvp.to_scipy", view=_protocol.flatten)
         return np.array(out, dtype=np.float64)
 
     def matvec(x: np.ndarray) -> np.ndarray:
@@ -106,7 +106,7 @@ def to_scipy(op: Any, *, like: PyTree = None) -> Any:
         if np.iscomplexobj(x):  # A real: A(x + iy) = Ax + iAy, both in one call
             out = real_matmat(np.stack([x.real, x.imag], axis=1))
             return out[:, 0] + 1j * out[:, 1]
-        y = _protocol.run(_matvec, op, struct, x, api="jhvp.to_scipy")
+        y = _protocol.run(_matvec, op, struct, x, api="jhvp.to_scipy", view=_protocol.flatten)
         return np.array(y, dtype=np.float64)
 
     def matmat(xs: np.ndarray) -> np.ndarray:

@@ -220,3 +220,22 @@ def two_arg(a, b):
 
 def two_arg_primals(seed=0):
     return ((rand(seed, (3,)), (rand(seed + 1, (2,)),)), {"u": rand(seed + 2, (3,))})
+
+
+def rademacher_probe(key, i, n, dtype):
+    """Probe i of the curvature estimators for vectors of shape (n,): what they draw."""
+    from jhvp import _protocol
+    from jhvp.curvature import _vectors
+
+    struct = jax.ShapeDtypeStruct((n,), dtype)
+    return _vectors.rademacher(_protocol.TreeOperator(None, struct, n, jnp.dtype(dtype)), key, i)
+
+
+def lanczos_state(matvec, v0, m, reortho):
+    """The internal Lanczos state (`_lanczos.State`) for `matvec` on flat vectors like v0."""
+    from jhvp import _protocol
+    from jhvp.curvature import _lanczos
+
+    struct = jax.ShapeDtypeStruct(v0.shape, v0.dtype)
+    op = _protocol.TreeOperator(matvec, struct, v0.size, v0.dtype)
+    return _lanczos.run(op, v0, m, reortho=reortho)

@@ -32,6 +32,18 @@ def rel_err(got, want):
     return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
+def curvature(op, b, *, gather=True):
+    """eigh, trace and solve on `op`, as numpy (gathered from all processes when `gather`)."""
+    key = jax.random.key(7)
+    eig = jhvp.curvature.eigh(op, key, 2, num_matvecs=20)
+    tr = jhvp.curvature.trace(op, key, num_matvecs=30)
+    x = jhvp.curvature.solve(op, b, damping=10.0, rtol=0.0, max_steps=15).x
+    out = (eig.eigenvalues, tr.estimate, x)
+    eigenvalues, trace, x = process_allgather(out, tiled=True) if gather else out
+    return {"eigenvalues": np.asarray(eigenvalues), "trace": np.asarray(trace),
+            "solve.w": np.asarray(x["w"]), "solve.v": np.asarray(x["v"])}
+
+
 def main(coordinator, num_processes, process_id):
     jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=60)
 
@@ -59,6 +71,8 @@ def main(coordinator, num_processes, process_id):
     expected = jax.jvp(jax.grad(lambda p: loss(p, xd, yd)), (jax.device_put(params, dev),),
                        (jax.device_put(tangent, dev),))[1]
     expected = jax.tree.map(np.asarray, expected)
+    reference_op = jhvp.hessian_operator(loss, (jax.device_put(params, dev), xd, yd))
+    expected_curvature = curvature(reference_op, jax.device_put(tangent, dev), gather=False)
 
     # --- as in the README ------------------------------------------------------------------------
     mesh = Mesh(np.array(jax.devices()).reshape(-1, 2), ("data", "model"))  # all hosts' devices
@@ -72,11 +86,15 @@ def main(coordinator, num_processes, process_id):
     hv_op = jhvp.hessian_operator(loss, (params, x, y)) @ tangent
     hv, hv_op = process_allgather((hv, hv_op), tiled=True)  # numpy, the same in every process
     # ---------------------------------------------------------------------------------------------
+    # jhvp.curvature on the operator of the sharded problem: the same program as on one device.
+    found_curvature = curvature(jhvp.hessian_operator(loss, (params, x, y)), tangent)
 
     assert x.shape == (batch, d_in) and not x.is_fully_addressable, x.sharding
     assert len(x.addressable_shards) == 2
     errors = {f"{which}.{name}": rel_err(out[name], expected[name])
               for which, out in (("hvp", hv), ("operator", hv_op)) for name in expected}
+    errors |= {f"curvature.{name}": rel_err(found_curvature[name], want)
+               for name, want in expected_curvature.items()}
     print(json.dumps({"process": process_id, "dtype": np.dtype(dt).name,
                       "max_rel_err": max(errors.values()), "errors": errors}), flush=True)
     jax.distributed.shutdown()

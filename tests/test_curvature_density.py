@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import DTYPE, X64, assert_rounding_close, mlp_problem, sym_matrix
+from helpers import DTYPE, X64, assert_rounding_close, mlp_problem, rademacher_probe, sym_matrix
 from jax.flatten_util import ravel_pytree
 
 import jhvp
@@ -33,7 +33,7 @@ def test_gauss_quadrature_is_exact():
     part = spectral_density(lambda v: Aj @ v, KEY, num_probes=3, num_matvecs=m, like=like)
     np.testing.assert_allclose(np.sum(np.asarray(part.weights), axis=1), 1.0, atol=tol)
     for i in range(3):
-        v = np.asarray(_sketch.rademacher(KEY, i, n, DTYPE), np.float64)
+        v = np.asarray(rademacher_probe(KEY, i, n, DTYPE), np.float64)
         assert set(np.unique(v)) <= {-1.0, 1.0}
         nodes, weights = (np.asarray(x[i], np.float64) for x in (part.nodes, part.weights))
         for p in range(2 * m):
@@ -73,7 +73,7 @@ def test_default_sigma_integrates_to_one_and_covers_the_spectrum():
 
 def test_probes_and_map_probes():
     n = 1000
-    signs = np.stack([np.asarray(_sketch.rademacher(KEY, i, n, DTYPE)) for i in range(4)])
+    signs = np.stack([np.asarray(rademacher_probe(KEY, i, n, DTYPE)) for i in range(4)])
     assert signs.dtype == np.dtype(DTYPE) and set(np.unique(signs)) == {-1.0, 1.0}
     assert abs(signs.mean()) < 0.1 and not np.array_equal(signs[0], signs[1])
     assert abs(np.corrcoef(signs[0], signs[1])[0, 1]) < 0.15

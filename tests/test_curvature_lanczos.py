@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import DTYPE, X64, mlp_problem, sym_matrix
+from helpers import DTYPE, X64, lanczos_state, mlp_problem, sym_matrix
 from jax.flatten_util import ravel_pytree
 
 import jhvp
@@ -72,19 +72,18 @@ def test_ghosts_only_without_reorthogonalisation(reortho):
 def test_partial_reorthogonalises_a_fraction_of_the_steps(dtype):
     if dtype == "float64" and not X64:
         pytest.skip("float64 needs JAX_ENABLE_X64")
-    from jhvp.curvature import _lanczos
 
     ev = clustered(600)
     A = jnp.asarray(sym_matrix(ev, seed=5), dtype)
     v0 = jnp.asarray(np.random.default_rng(1).standard_normal(ev.size), dtype)
     m = 120
-    out = jax.jit(lambda v: _lanczos.lanczos_flat(lambda x: A @ x, v, m, reortho="partial"))(v0)
+    out = jax.jit(lambda v: lanczos_state(lambda x: A @ x, v, m, "partial"))(v0)
     Q = np.asarray(out.basis, np.float64)
     eps = float(jnp.finfo(dtype).eps)
     assert np.abs(Q @ Q.T - np.eye(m)).max() <= 10 * np.sqrt(eps)
     # Pairs of reorthogonalisations, not one per step; and some, on this spectrum.
     assert 2 <= int(out.reorthos) < m * 0.7, int(out.reorthos)
-    full = jax.jit(lambda v: _lanczos.lanczos_flat(lambda x: A @ x, v, m, reortho="full"))(v0)
+    full = jax.jit(lambda v: lanczos_state(lambda x: A @ x, v, m, "full"))(v0)
     assert int(full.reorthos) == m
 
 

@@ -235,22 +235,22 @@ def test_operators_of_one_structure_share_one_program(name):
 
 @pytest.mark.parametrize("name", ESTIMATORS)
 def test_dict_params_give_the_dense_hessians_result(name):
-    # The same probes and start vectors (drawn flat), through the pytree operator and through
-    # the dense Hessian from jax.hessian on flat vectors: the same result, in the params' shape.
+    # The same probes and start vectors (drawn with the params' structure), through the
+    # operator and through the dense Hessian from jax.hessian, applied to the raveled vector:
+    # the same result, in the params' shape.
     f, (params, x, y) = mlp_problem()
     flat_params, unravel = ravel_pytree(params)
     dense = jax.jit(jax.hessian(lambda z: f(unravel(z), x, y)))(flat_params)
     run = ESTIMATORS[name].run
     tree = run(jhvp.hessian_operator(f, (params, x, y)), KEY, params, None)
-    zeros = jnp.zeros_like(flat_params)
-    reference = run(lambda v: dense @ v, KEY, zeros, zeros)
+    reference = run(lambda v: unravel(dense @ ravel_pytree(v)[0]), KEY, params, params)
     for field in ESTIMATORS[name].vector_fields:
         value = getattr(tree, field)
         assert jax.tree.structure(value) == jax.tree.structure(params), field
-        lead = np.shape(getattr(reference, field))[:-1]
+        lead = np.shape(jax.tree.leaves(getattr(reference, field))[0])[:-1]
         for leaf, p in zip(jax.tree.leaves(value), jax.tree.leaves(params), strict=True):
             assert leaf.shape == (*lead, *p.shape), (field, leaf.shape, p.shape)
-    ESTIMATORS[name].compare(flat(tree, name, params), reference,
+    ESTIMATORS[name].compare(flat(tree, name, params), flat(reference, name, params),
                              np.asarray(dense, np.float64))
 
 

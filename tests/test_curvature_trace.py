@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import DTYPE, X64, rosenbrock, sym_matrix
+from helpers import DTYPE, X64, rademacher_probe, rosenbrock, sym_matrix
 from jax.flatten_util import ravel_pytree
 
 import jhvp
@@ -97,33 +97,38 @@ def test_probe_i_depends_only_on_fold_in_key_i():
     like = jnp.zeros(10, DTYPE)
     short = curvature.trace(as_op(a), jax.random.key(0), num_matvecs=4, method="hutchinson",
                             like=like)
-    signs = [np.asarray(_sketch.rademacher(jax.random.key(0), i, 10, DTYPE), np.float64)
+    signs = [np.asarray(rademacher_probe(jax.random.key(0), i, 10, DTYPE), np.float64)
              for i in range(4)]
     dense = np.asarray(a, np.float64)
     expect = np.mean([s @ dense @ s for s in signs])
     np.testing.assert_allclose(float(short.estimate), expect, rtol=1e-10 if X64 else 1e-5)
 
 
-@pytest.mark.parametrize("kappa", [1.0, 1e3, 1e6])
-def test_orthonormal_basis_one_pass_or_two(kappa):
-    # Well-conditioned sketches take one CholeskyQR pass, ill-conditioned or rank-deficient
-    # ones a second: Q is orthonormal either way and spans the sketch.
-    from jhvp.curvature import _sketch
-
+@pytest.mark.parametrize("kappa", [1.0, 1e3, 1e6, 1e12])
+def test_range_basis_is_orthonormal_and_spans_the_sketch(kappa):
+    # Gram-Schmidt on the stack, then the SVD of R: the kept basis is orthonormal to working
+    # precision and spans the sketch; singular values at rounding level (kappa = 1e12 in
+    # float32) are dropped, never kept as noise. Checked against numpy's SVD of the sketch.
     rng = np.random.default_rng(0)
     u, _ = np.linalg.qr(rng.normal(size=(500, 8)))
     v, _ = np.linalg.qr(rng.normal(size=(8, 8)))
     s = np.geomspace(1.0, 1.0 / kappa, 8)
-    y = jnp.asarray((u * s) @ v.T, DTYPE).T
-    q = np.asarray(jax.jit(_sketch.orthonormal_basis)(y), np.float64)
-    cols = np.linalg.norm(q, axis=0) > 0.5
-    tol = 1e-10 if X64 else 1e-5
-    np.testing.assert_allclose(q[:, cols].T @ q[:, cols], np.eye(int(cols.sum())), atol=tol)
-    if kappa ** 2 * float(jnp.finfo(DTYPE).eps) < 1e-3:
-        assert cols.all()
-        # range(Q) = range(yᵀ): projecting yᵀ onto Q changes nothing.
-        yt = np.asarray(y, np.float64).T
-        np.testing.assert_allclose(q @ (q.T @ yt), yt, atol=1e3 * tol)
+    y = jnp.asarray((u * s) @ v.T, DTYPE).T  # the stack of 8 sketch vectors
+    basis = jax.jit(_sketch.range_basis)(y)
+    q = np.asarray(basis.q, np.float64).T  # columns u_a
+    keep = np.asarray(basis.keep)
+    eps = float(jnp.finfo(DTYPE).eps)
+    tol = 100 * eps
+    np.testing.assert_allclose(q[:, keep].T @ q[:, keep], np.eye(int(keep.sum())), atol=tol)
+    assert np.all(q[:, ~keep] == 0)
+    ref = np.linalg.svd(np.asarray(y, np.float64).T, compute_uv=False)
+    np.testing.assert_allclose(np.asarray(basis.sig, np.float64), ref, atol=20 * eps * ref[0])
+    assert keep[ref > 100 * eps * ref[0]].all() and not keep[ref < eps * ref[0]].any()
+    yt = np.asarray(y, np.float64).T
+    # range(Q) = range(yᵀ) up to what was dropped: projecting yᵀ onto Q changes it by at
+    # most the dropped singular values.
+    dropped = ref[~keep].max(initial=0.0)
+    np.testing.assert_allclose(q @ (q.T @ yt), yt, atol=100 * eps + 2 * dropped)
 
 
 # ---- errors -------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_two_process_hvp_matches_single_process():
+def test_two_process_hvp_and_curvature_match_single_process():
     env = dict(os.environ)
     env["JAX_ENABLE_X64"] = "1" if X64 else "0"
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
@@ -52,10 +52,16 @@ def test_two_process_hvp_matches_single_process():
     reports = [[json.loads(line) for line in out.splitlines() if line.startswith('{"process"')]
                for out, _ in outputs]
     tol = 1e-12 if X64 else 1e-5
+    # eigh, trace and solve (15 CG steps on the 56 × 56 Hessian + 10 I, positive definite: with
+    # a shift of 1 it is near singular and CG amplifies rounding) add up rounding over
+    # their steps: 1e-4 relative in float32, as the scale issue asks of 8 devices against one.
+    curvature_tol = 1e-10 if X64 else 1e-4
     for i, found in enumerate(reports):
         assert len(found) == 1, outputs[i]
         report = found[0]
         assert report["process"] == i
         assert report["dtype"] == ("float64" if X64 else "float32")
-        assert len(report["errors"]) == 4  # hvp and operator, for "w" and "v"
-        assert report["max_rel_err"] <= tol, report
+        # hvp and operator for "w" and "v"; eigh's eigenvalues, trace, solve's "w" and "v"
+        assert len(report["errors"]) == 8, report
+        for name, err in report["errors"].items():
+            assert err <= (curvature_tol if name.startswith("curvature.") else tol), (name, err)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from .. import _protocol
 from .._typing import PyTree
 from . import _checks, _lanczos
+from . import _vectors as vec
 
 WHICH = ("LA", "SA", "LM")
 # `converged`'s relative tolerance when `rtol` is None, by the operator's bits: about √ε of
@@ -60,7 +61,7 @@ class _Pairs(NamedTuple):
     ok: jax.Array  # (k,) bool: the convergence test
 
 
-def _select(state: _lanczos.Flat, k: int, which: str, rtol: float) -> _Pairs:
+def _select(state: _lanczos.State, k: int, which: str, rtol: float) -> _Pairs:
     """The k wanted Ritz pairs, their residual estimates and the convergence test."""
     theta, S, valid = _lanczos.ritz(state.alphas, state.betas, state.steps)
     dtype = theta.dtype
@@ -77,7 +78,7 @@ def _select(state: _lanczos.Flat, k: int, which: str, rtol: float) -> _Pairs:
     # T does not hold (`Flat.defect`: couplings that restarts dropped, coefficients that
     # reorthogonalisations discarded, up to √ε‖A‖ with partial reorthogonalisation, whose
     # Ritz vectors are accurate to √ε only: Simon 1984), bounded by Σ_j |s_j| defect_j.
-    eps = jnp.asarray(jnp.finfo(state.basis.dtype).eps, dtype)
+    eps = jnp.asarray(jnp.finfo(jax.tree.leaves(state.basis)[0].dtype).eps, dtype)
     floor = (3 * jnp.sqrt(state.steps.astype(dtype)) * eps * norm_t
              + jnp.matmul(jnp.abs(S).T, state.defect, precision=_lanczos._HIGHEST))
     krylov = jnp.abs(state.betas[last] * S[last])
@@ -89,10 +90,10 @@ def _select(state: _lanczos.Flat, k: int, which: str, rtol: float) -> _Pairs:
     return _Pairs(theta, S, residuals, ok)
 
 
-def _differentiable(flat_op: Any) -> tuple[Any, Any]:
+def _differentiable(op: _protocol.TreeOperator) -> tuple[_protocol.TreeOperator, Any]:
     """Splits the operator's traced arrays from its matvec: (frozen matvec, attach).
 
-    `frozen(x)` applies the operator with its arrays cut from autodiff (the iterations are a
+    `frozen` applies the operator with its arrays cut from autodiff (the iterations are a
     `lax.while_loop`, which reverse mode cannot differentiate, and need no derivatives);
     `attach(theta, Y)` returns the eigenvalues theta with the Hellmann-Feynman derivative
     dθ_i = y_iᵀ (dA) y_i (Magnus 1985) attached as a `jax.custom_jvp` on those arrays, dA·y
@@ -101,7 +102,9 @@ def _differentiable(flat_op: Any) -> tuple[Any, Any]:
     (`jax.make_jaxpr`) hoists them into explicit arguments, as `jax.closure_convert` does
     (whose global cache would keep the user's operator alive).
     """
-    closed = jax.make_jaxpr(flat_op.matvec)(jnp.zeros((flat_op.n,), flat_op.dtype))
+    closed, out_shape = jax.make_jaxpr(op.matvec, return_shape=True)(
+        jax.tree.map(lambda s: jnp.zeros(s.shape, op.dtype), op.struct))
+    out_tree = jax.tree.structure(out_shape)
     consts = list(closed.consts)
     hoist = [i for i, c in enumerate(consts)
              if isinstance(c, jax.core.Tracer) and jnp.issubdtype(c.dtype, jnp.inexact)]
@@ -110,7 +113,7 @@ def _differentiable(flat_op: Any) -> tuple[Any, Any]:
         bound = list(consts)
         for i, a in zip(hoist, arrays, strict=True):
             bound[i] = a
-        return jax.core.eval_jaxpr(closed.jaxpr, bound, x)[0]
+        return out_tree.unflatten(jax.core.eval_jaxpr(closed.jaxpr, bound, *jax.tree.leaves(x)))
 
     arrays = tuple(consts[i] for i in hoist)
     frozen_arrays = tuple(jax.lax.stop_gradient(a) for a in arrays)
@@ -127,22 +130,22 @@ def _differentiable(flat_op: Any) -> tuple[Any, Any]:
 
         def rayleigh(y):
             _, dy = jax.jvp(lambda a: matvec(y, a), (arrays,), (d_arrays,))
-            return _lanczos.dot(y, dy, theta.dtype)
+            return vec.dot(y, dy, theta.dtype)
 
         return theta, jax.vmap(rayleigh)(vectors)
 
     def attach(theta, vectors):
         return eigenvalues(arrays, theta, jax.lax.stop_gradient(vectors))
 
-    return (lambda x: matvec(x, frozen_arrays)), attach
+    return op._replace(matvec=lambda x: matvec(x, frozen_arrays)), attach
 
 
-def _eigh_impl(flat_op, key, *, k, which, num_matvecs, rtol, reortho):
-    store = flat_op.dtype
+def _eigh_impl(op, key, *, k, which, num_matvecs, rtol, reortho):
+    store = op.dtype
     cdt = _lanczos.compute_dtype(store)
     tol = _DEFAULT_RTOL[jnp.finfo(store).bits] if rtol is None else rtol
-    matvec, attach = _differentiable(flat_op)
-    v0 = jax.random.normal(jax.random.fold_in(key, 0), (flat_op.n,), cdt).astype(store)
+    frozen, attach = _differentiable(op)
+    v0 = vec.astype(vec.normal(op, jax.random.fold_in(key, 0), cdt), store)
     stop = None
     if rtol is not None:
 
@@ -157,18 +160,17 @@ def _eigh_impl(flat_op, key, *, k, which, num_matvecs, rtol, reortho):
             explored = state.steps - state.block_start >= state.block_len
             return (state.steps >= k) & explored & jnp.all(_select(state, k, which, tol).ok)
 
-    state = _lanczos.lanczos_flat(
-        matvec, v0, num_matvecs, reortho=reortho, restart_key=jax.random.fold_in(key, 1),
+    state = _lanczos.run(
+        frozen, v0, num_matvecs, reortho=reortho, restart_key=jax.random.fold_in(key, 1),
         stop=stop, check_every=max(2, num_matvecs // 8),
     )
     pairs = _select(state, k, which, tol)
-    vectors = _lanczos.dot(pairs.S.T.astype(store), state.basis, cdt).astype(store)
+    vectors = vec.astype(vec.combine(pairs.S.T, state.basis, cdt), store)
     # `done` is set by the stop test alone here (breakdowns restart): it passed on this state,
     # and recomputing T's eigenpairs outside the loop may round a borderline pair differently.
     converged = pairs.ok | state.done
     theta = attach(pairs.theta, vectors)
-    return EighResult(theta, jax.vmap(flat_op.unravel)(vectors), pairs.residuals, converged,
-                      state.steps)
+    return EighResult(theta, op.to_struct(vectors), pairs.residuals, converged, state.steps)
 
 
 def eigh(
@@ -191,10 +193,11 @@ def eigh(
     are well separated from the rest of the spectrum (Kaniel-Paige-Saad bounds; Saad 2011,
     ch. 6). The residual of each pair is the standard estimate |β_m s_{m,i}| (s_{m,i} the last
     component of T's eigenvector), floored by the rounding of the iteration (see
-    `EighResult.residual_norms`). Cost: m operator applications, the m×n basis in memory and
-    two passes over it per reorthogonalising step (every step with `reortho="full"`; with
-    "partial", those where the ω-recurrence says orthogonality would fall below √ε, and the
-    step after each).
+    `EighResult.residual_norms`). Cost: m operator applications, m + 8 vectors of memory (the
+    basis and the recurrence's; each with the parameters' layout, leaf by leaf, so 1/d of a
+    vector per device on d devices) and two passes over the basis per reorthogonalising step
+    (every step with `reortho="full"`; with "partial", those where the ω-recurrence says
+    orthogonality would fall below √ε, and the step after each).
 
     What a residual cannot tell: a Krylov space holds one copy of each eigenvalue its start
     vector touches, so a repeated eigenvalue shows once until the space is exhausted (a
@@ -292,18 +295,18 @@ def eigh(
     )
 
 
-def _power_impl(flat_op, key, *, max_iters, rtol):
-    store = flat_op.dtype
+def _power_impl(op, key, *, max_iters, rtol):
+    store = op.dtype
     dtype = _lanczos.compute_dtype(store)
     tol = jnp.asarray(rtol, dtype)
-    matvec, attach = _differentiable(flat_op)
+    frozen, attach = _differentiable(op)
 
     def apply(v):
         # The Rayleigh quotient and the residual of v come with its application: no extra cost.
         # Vectors are stored in the operator's dtype, the arithmetic runs in `dtype`.
-        w = matvec(v.astype(store)).astype(dtype)
-        lam = jnp.vdot(v, w)
-        return w, lam, jnp.linalg.norm(w - lam * v)
+        w = vec.astype(frozen.matvec(vec.astype(v, store)), dtype)
+        lam = vec.dot(v, w, dtype)
+        return w, lam, vec.norm(vec.sub(w, vec.scale(lam, v)), dtype)
 
     def ok(change, residual, lam):
         return (change <= tol * jnp.abs(lam)) & (residual <= tol * jnp.abs(lam))
@@ -314,18 +317,18 @@ def _power_impl(flat_op, key, *, max_iters, rtol):
 
     def body(carry):
         i, _, w, _, _, lam_prev = carry
-        v, _ = _lanczos._normalise(w)
-        v = v.astype(store).astype(dtype)  # the vector the operator sees
+        v, _ = _lanczos.normalise(w, dtype)
+        v = vec.astype(vec.astype(v, store), dtype)  # the vector the operator sees
         w, lam, residual = apply(v)
         return i + 1, v, w, jnp.abs(lam - lam_prev), residual, lam
 
-    v, _ = _lanczos._normalise(jax.random.normal(jax.random.fold_in(key, 0), (flat_op.n,), dtype))
-    v = v.astype(store).astype(dtype)
+    v, _ = _lanczos.normalise(vec.normal(op, jax.random.fold_in(key, 0), dtype), dtype)
+    v = vec.astype(vec.astype(v, store), dtype)
     w, lam, residual = apply(v)
     carry = (jnp.ones((), jnp.int32), v, w, jnp.asarray(jnp.inf, dtype), residual, lam)
     i, v, _, change, residual, lam = jax.lax.while_loop(cond, body, carry)
-    vectors = v[None, :].astype(store)
-    return EighResult(attach(lam[None], vectors), jax.vmap(flat_op.unravel)(vectors),
+    vectors = jax.tree.map(lambda x: x[None].astype(store), v)
+    return EighResult(attach(lam[None], vectors), op.to_struct(vectors),
                       residual[None], ok(change, residual, lam)[None], i)
 
 
@@ -339,7 +342,7 @@ def power_iteration(
 ) -> EighResult:
     """Computes the eigenpair of largest |λ| by power iteration: v ← A v / ‖A v‖.
 
-    One operator application per iteration and O(n) memory, but convergence at the rate
+    One operator application per iteration and 3 vectors of memory, but convergence at the rate
     |λ₂/λ₁| per step (Golub & Van Loan 2013, 7.3.1): prefer `eigh`, whose Lanczos basis
     converges much faster for the same number of applications, unless memory is the limit.
     Stops when both the relative change of λ and the relative residual ‖A v - λ v‖/|λ| are

@@ -11,11 +11,10 @@ import jax.numpy as jnp
 from .. import _protocol
 from .._typing import PyTree
 from . import _checks
+from . import _vectors as vec
 
 REORTHO = ("full", "partial", "none")
-# Reorthogonalisation must be exact to working precision: TF32 or bf16 passes on accelerators
-# (the default for float32 matmuls on some) would leave the basis orthogonal to 1e-3 only.
-_HIGHEST = jax.lax.Precision.HIGHEST
+_HIGHEST = vec.HIGHEST
 # A second Gram-Schmidt pass runs when the first removed more than 1 - 1/√2 of the norm
 # (Daniel, Gragg, Kaufman & Stewart 1976, the test ARPACK uses): below, one pass is enough.
 _DGKS = 0.7071067811865476
@@ -29,15 +28,6 @@ def compute_dtype(dtype: Any) -> Any:
     their 8 or 11 bits, and `jnp.linalg.eigh` has no kernels for them.
     """
     return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else jnp.dtype(dtype)
-
-
-def dot(a: jax.Array, b: jax.Array, out: Any) -> jax.Array:
-    """Returns a·b (vectors or matrices) from the storage dtype, accumulated in `out` (internal).
-
-    Both operands are rounded to `a`'s dtype first: a low-precision basis is exact to its own
-    rounding only, so a float32 copy of it would cost memory and buy no accuracy.
-    """
-    return jax.lax.dot(a, b.astype(a.dtype), precision=_HIGHEST, preferred_element_type=out)
 
 
 class LanczosResult(NamedTuple):
@@ -55,10 +45,10 @@ class LanczosResult(NamedTuple):
     """Operator applications used (< m when an invariant subspace was found: see `lanczos`)."""
 
 
-class Flat(NamedTuple):
-    """The flat iteration's state and result (internal): basis rows at and beyond `steps` are 0."""
+class State(NamedTuple):
+    """The iteration's state and result (internal): basis rows at and beyond `steps` are 0."""
 
-    basis: jax.Array  # (m, n), the operator's dtype
+    basis: PyTree  # a stack of m vectors (leading axis m on every leaf), the operator's dtype
     alphas: jax.Array  # (m,), compute_dtype from here on
     betas: jax.Array  # (m,)
     steps: jax.Array  # () int32: matvecs done = filled basis rows (when no restart is pending)
@@ -75,12 +65,13 @@ class Flat(NamedTuple):
     #                     reorthogonalisation discarded); residual estimates need it
 
 
-def _project_out(basis: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    c = dot(basis, w, w.dtype)
-    return w - dot(c.astype(basis.dtype), basis, w.dtype), c
+def _project_out(basis: PyTree, w: PyTree, dtype: Any) -> tuple[PyTree, jax.Array]:
+    c = vec.coefficients(basis, w, dtype)
+    return vec.sub(w, vec.combine(c, basis, dtype)), c
 
 
-def _orthogonalise(basis: jax.Array, w: jax.Array, eps: jax.Array) -> tuple[jax.Array, ...]:
+def orthogonalise(basis: PyTree, w: PyTree, eps: jax.Array) -> tuple[PyTree, jax.Array]:
+    """W projected off a stack of orthonormal (or zero) vectors, and the coefficients removed."""
     # Classical Gram-Schmidt against every stored row at once (unfilled rows are zero), with a
     # second pass only when the first cancelled (DGKS): "twice is enough" (Parlett 1980, 6.9).
     # Against a basis orthogonal only to √ε (partial reorthogonalisation), one pass leaves
@@ -88,38 +79,55 @@ def _orthogonalise(basis: jax.Array, w: jax.Array, eps: jax.Array) -> tuple[jax.
     # ‖c‖ > √ε‖w‖, so the result is orthogonal to working precision either way.
     # Each pass reads the whole basis twice: the memory traffic of a reorthogonalisation.
     # `eps` is the basis' (storage) precision: a rounded basis is orthogonal to that only.
-    w1, c1 = _project_out(basis, w)
-    norm1 = jnp.linalg.norm(w1)
+    dtype = eps.dtype
+    w1, c1 = _project_out(basis, w, dtype)
+    norm1 = vec.norm(w1, dtype)
     sqrt_eps = jnp.sqrt(eps)
-    again = (norm1 < _DGKS * jnp.linalg.norm(w)) | (jnp.linalg.norm(c1) > sqrt_eps * norm1)
+    again = (norm1 < _DGKS * vec.norm(w, dtype)) | (jnp.linalg.norm(c1) > sqrt_eps * norm1)
 
     def second(w1):
-        w2, c2 = _project_out(basis, w1)
+        w2, c2 = _project_out(basis, w1, dtype)
         return w2, c1 + c2
 
     return jax.lax.cond(again, second, lambda w1: (w1, c1), w1)
 
 
-def _normalise(v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    norm = jnp.linalg.norm(v)
+def normalise(v: PyTree, dtype: Any) -> tuple[PyTree, jax.Array]:
+    """v/‖v‖ (v itself when zero) and ‖v‖, the norm accumulated in `dtype`."""
+    norm = vec.norm(v, dtype)
     safe = jnp.where(norm > 0, norm, jnp.ones_like(norm))
-    return v / safe, norm
+    return vec.scale(1 / safe, v), norm
 
 
-def init(v0: jax.Array, num_matvecs: int) -> Flat:
+def _first_unit(v: PyTree, on: jax.Array) -> PyTree:
+    """Returns v plus e_0 (1 at the first entry of the first leaf) where the scalar `on` holds.
+
+    Built from iotas inside the elementwise fusion: a vector-sized constant would be folded
+    into the compiled program, replicated on every device.
+    """
+    leaves, tree = jax.tree.flatten(v)
+    first = leaves[0]
+    corner = on
+    for d in range(first.ndim):
+        corner = corner & (jax.lax.broadcasted_iota(jnp.int32, first.shape, d) == 0)
+    leaves[0] = first + corner.astype(first.dtype)
+    return tree.unflatten(leaves)
+
+
+def init(op: _protocol.TreeOperator, v0: PyTree, num_matvecs: int) -> State:
     """Returns the state before the first step: q_0 = v0/‖v0‖ (a zero v0 gives q_0 = e_0)."""
-    n, dtype = v0.shape[0], v0.dtype
+    dtype = op.dtype
     cdt = compute_dtype(dtype)
-    q0, norm = _normalise(v0.astype(cdt))
-    q0 = jnp.where(norm > 0, q0, jnp.zeros(n, cdt).at[0].set(1))
-    basis = jnp.zeros((num_matvecs, n), dtype).at[0].set(q0.astype(dtype))
+    q0, norm = normalise(vec.astype(v0, cdt), cdt)
+    q0 = _first_unit(q0, norm == 0)  # normalise leaves a zero v0 zero
+    basis = vec.set_row(vec.zeros(op, (num_matvecs,)), jnp.zeros((), jnp.int32), q0)
     zeros = jnp.zeros(num_matvecs, cdt)
     false, zero = jnp.zeros((), bool), jnp.zeros((), jnp.int32)
-    return Flat(basis, zeros, zeros, zero, false, jnp.zeros((), cdt), zeros.at[0].set(1),
-                zeros, false, zero, zero, zero, zeros)
+    return State(basis, zeros, zeros, zero, false, jnp.zeros((), cdt), zeros.at[0].set(1),
+                 zeros, false, zero, zero, zero, zeros)
 
 
-def _omega(state: Flat, alpha: jax.Array, beta: jax.Array, scale: jax.Array,
+def _omega(state: State, alpha: jax.Array, beta: jax.Array, scale: jax.Array,
            eps: jax.Array) -> jax.Array:
     """Simon's recurrence (1984, eq. 3.6) for ω_{j+1,k} ≈ q_{j+1}ᵀq_k, all k at once.
 
@@ -140,21 +148,22 @@ def _omega(state: Flat, alpha: jax.Array, beta: jax.Array, scale: jax.Array,
     return jnp.where(idx < j, t / safe, jnp.where(idx == j, local, jnp.zeros_like(t)))
 
 
-def step(matvec: Callable, state: Flat, reortho: str, restart_key: Any = None) -> Flat:
+def step(op: _protocol.TreeOperator, state: State, reortho: str,
+         restart_key: Any = None) -> State:
     """One Lanczos step: applies the operator once, fills alphas[j], betas[j] and row j + 1."""
     basis, alphas, betas, j = state.basis, state.alphas, state.betas, state.steps
-    m, n = basis.shape
-    store, dtype = basis.dtype, alphas.dtype  # the vectors' dtype, the recurrence's
-    q = basis[j]
+    m = alphas.shape[0]
+    store, dtype = op.dtype, alphas.dtype  # the vectors' dtype, the recurrence's
+    q = vec.row(basis, j)
     # The three-term recurrence first (two vectors); the basis is read only to reorthogonalise.
     # Its arithmetic runs in `dtype` (float32 for 16-bit operators), rounded once on storing.
-    w = matvec(q).astype(dtype)
-    q = q.astype(dtype)
-    alpha = jnp.vdot(q, w)
-    prev = basis[jnp.maximum(j - 1, 0)].astype(dtype)
+    w = vec.astype(op.matvec(q), dtype)
+    q = vec.astype(q, dtype)
+    alpha = vec.dot(q, w, dtype)
+    prev = vec.astype(vec.row(basis, jnp.maximum(j - 1, 0)), dtype)
     beta_prev = jnp.where(j > 0, betas[jnp.maximum(j - 1, 0)], jnp.zeros((), dtype))
-    w = w - alpha * q - beta_prev * prev
-    beta = jnp.linalg.norm(w)
+    w = vec.sub(w, vec.add(vec.scale(alpha, q), vec.scale(beta_prev, prev)))
+    beta = vec.norm(w, dtype)
     scale = jnp.maximum(state.scale, jnp.abs(alpha) + beta + beta_prev)
     # Rounding is that of the stored vectors: ε of the operator's dtype.
     eps = jnp.asarray(jnp.finfo(store).eps, dtype)
@@ -178,11 +187,11 @@ def step(matvec: Callable, state: Flat, reortho: str, restart_key: Any = None) -
     lost = zero
     if reortho != "none":
         def reorthogonalise(w):
-            w, c = _orthogonalise(basis, w, eps)
+            w, c = orthogonalise(basis, w, eps)
             # The coefficient on q_j refines alpha: T stays QᵀAQ to working precision. The
             # others (on q_{j-1} too: T keeps beta_{j-1}) leave T; the computed relation
             # A Q = Q T + ... carries them in column j, and so must the residual estimates.
-            return w, c[j], jnp.linalg.norm(w), jnp.linalg.norm(c.at[j].set(0))
+            return w, c[j], vec.norm(w, dtype), jnp.linalg.norm(c.at[j].set(0))
 
         if reortho == "full":
             w, dalpha, beta, lost = reorthogonalise(w)
@@ -191,7 +200,7 @@ def step(matvec: Callable, state: Flat, reortho: str, restart_key: Any = None) -
                 need, reorthogonalise, lambda w: (w, zero, beta, zero), w)
         alpha = alpha + dalpha
     # beta is ‖w‖ already: one pass over w fewer per step.
-    w = w / jnp.where(beta > 0, beta, jnp.ones_like(beta))
+    w = vec.scale(1 / jnp.where(beta > 0, beta, jnp.ones_like(beta)), w)
     # Breakdown: beta ≈ 0 means span(q_0..q_j) is invariant (Paige 1971). Normalising the
     # leftover rounding noise would still give an orthonormal basis under full
     # reorthogonalisation; only an exact or near-exact zero must not be divided by.
@@ -207,17 +216,17 @@ def step(matvec: Callable, state: Flat, reortho: str, restart_key: Any = None) -
         broken = beta <= jnp.sqrt(eps) * scale
 
         def fresh(_):
-            r = jax.random.normal(jax.random.fold_in(restart_key, j + 1), (n,), dtype)
-            r, _ = _orthogonalise(basis, r, eps)
-            r, _ = _orthogonalise(basis, r, eps)
-            return _normalise(r)[0]
+            r = vec.normal(op, jax.random.fold_in(restart_key, j + 1), dtype)
+            r, _ = orthogonalise(basis, r, eps)
+            r, _ = orthogonalise(basis, r, eps)
+            return normalise(r, dtype)[0]
 
         # A random vector orthogonal to the basis continues the iteration in a new Krylov
         # space; T decouples (beta = 0), and its Ritz pairs stay those of A on span(Q).
         w = jax.lax.cond(broken & ~last, fresh, lambda _: w, None)
         done = state.done
     else:
-        w = jnp.where(broken, jnp.zeros_like(w), w)
+        w = vec.where(broken, vec.scale(0.0, w), w)
         done = state.done | (broken & ~last)
     restart = broken & ~last & (restart_key is not None)
     # Where the new block starts, and how long the finished one ran: the new block explores
@@ -236,27 +245,32 @@ def step(matvec: Callable, state: Flat, reortho: str, restart_key: Any = None) -
     fresh_omega = jnp.where(idx <= j, eps, jnp.zeros_like(omega))
     omega = jnp.where(need | broken, fresh_omega, omega)
     omega = jnp.where(idx == j + 1, jnp.ones_like(omega), omega)
+    # The last step stores nothing (the basis holds m vectors); rewriting row m - 1 with itself
+    # keeps the update in place.
     row = jnp.minimum(j + 1, m - 1)
-    basis = jax.lax.dynamic_update_slice(
-        basis, jnp.where(last, basis[row], w.astype(store))[None, :],
-        (row, jnp.zeros((), row.dtype)),
-    )
-    return Flat(basis, alphas.at[j].set(alpha), betas.at[j].set(beta), j + 1, done, scale,
+    basis = vec.set_row(basis, row, vec.where(last, vec.row(basis, row), vec.astype(w, store)))
+    return State(basis, alphas.at[j].set(alpha), betas.at[j].set(beta), j + 1, done, scale,
                 omega, state.omega, need & ~state.force & (reortho == "partial"),
                 state.reorthos + need.astype(jnp.int32), block_start, block_len, defect)
 
 
-def lanczos_flat(
-    matvec: Callable,
-    v0: jax.Array,
+def run(
+    op: _protocol.TreeOperator,
+    v0: PyTree,
     num_matvecs: int,
     *,
     reortho: str = "full",
     restart_key: Any = None,
-    stop: Callable[[Flat], jax.Array] | None = None,
+    stop: Callable[[State], jax.Array] | None = None,
     check_every: int = 1,
-) -> Flat:
-    """Runs up to num_matvecs steps in one `lax.while_loop` (internal, flat vectors).
+    fixed: bool = False,
+) -> State:
+    """Runs up to num_matvecs steps in one `lax.while_loop` (internal).
+
+    `fixed=True` runs exactly num_matvecs steps in a `lax.fori_loop` instead (steps after a
+    breakdown apply the operator to zero and change nothing): under `jax.vmap` a while loop's
+    predicate is batched, and XLA then selects between the old and the new state each step,
+    keeping two copies of every basis alive; a fixed trip count keeps one, updated in place.
 
     Without `restart_key`, a breakdown stops the iteration (rows beyond stay zero, T decouples);
     with it, the iteration restarts from a random vector orthogonal to the basis. `stop(state)`,
@@ -267,19 +281,24 @@ def lanczos_flat(
         return (state.steps < num_matvecs) & ~state.done
 
     def body(state):
-        state = step(matvec, state, reortho, restart_key)
+        state = step(op, state, reortho, restart_key)
         if stop is None:
             return state
         check = (state.steps % check_every == 0) & (state.steps < num_matvecs)
         halt = jax.lax.cond(check, stop, lambda _: jnp.zeros((), bool), state)
         return state._replace(done=state.done | halt)
 
-    return jax.lax.while_loop(cond, body, init(v0, num_matvecs))
+    if fixed:
+        assert stop is None and restart_key is None
+        return jax.lax.fori_loop(0, num_matvecs, lambda _, state: body(state),
+                                 init(op, v0, num_matvecs))
+    return jax.lax.while_loop(cond, body, init(op, v0, num_matvecs))
 
 
-def _impl(flat_op, v0, *, num_matvecs, reortho):
-    out = lanczos_flat(flat_op.matvec, flat_op.ravel(v0), num_matvecs, reortho=reortho)
-    return LanczosResult(jax.vmap(flat_op.unravel)(out.basis), out.alphas, out.betas, out.steps)
+def _impl(op, v0, *, num_matvecs, reortho):
+    v0 = vec.constrain(op, vec.astype(v0, op.dtype))
+    out = run(op, v0, num_matvecs, reortho=reortho)
+    return LanczosResult(op.to_struct(out.basis), out.alphas, out.betas, out.steps)
 
 
 def lanczos(op: Any, v0: PyTree, num_matvecs: int, *, reortho: str = "full") -> LanczosResult:
@@ -292,7 +311,9 @@ def lanczos(op: Any, v0: PyTree, num_matvecs: int, *, reortho: str = "full") -> 
     converge and produces spurious copies ("ghosts") of them (Paige 1971); `reortho="full"`
     orthogonalises each new vector against the whole basis by matrix products (classical
     Gram-Schmidt, a second pass only when the first cancelled: "twice is enough", Parlett
-    1980): O(m n) extra work and memory traffic per step and the m×n basis in memory.
+    1980): O(m n) extra work and memory traffic per step; memory: the m basis vectors it
+    returns and 4 more (each with the parameters' layout, leaf by leaf: 1/d of a vector per
+    device on d devices).
     `reortho="partial"` (Simon 1984) estimates the loss of orthogonality with the
     ω-recurrence (O(m) work per step) and reorthogonalises only the steps where it would
     pass √ε, and the step after each: the basis stays orthogonal to about √ε, which keeps

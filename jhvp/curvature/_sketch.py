@@ -2,7 +2,7 @@
 
 Probe i is always drawn from `jax.random.fold_in(key, i)`, so how probes are batched
 (`batch_size`) changes a result only by rounding, and memory and speed. The sketch kit (range
-sketch, orthonormal bases, leave-one-out and leave-two-out projectors, sample statistics)
+sketch, its orthonormal basis, leave-one-out and leave-two-out projectors, sample statistics)
 serves Hutch++, XTrace and XDiag alike. Vectors stay in the operator's dtype; the small dense
 maths runs in `work_dtype` (float32 for 16-bit operators).
 """
@@ -15,21 +15,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .._protocol import TreeOperator
 from .._typing import PyTree
+from . import _lanczos
+from . import _vectors as vec
 
-
-def rademacher(key: jax.Array, i: Any, n: int, dtype: Any) -> jax.Array:
-    """Returns probe i: n independent ±1 signs of `dtype`, drawn from `fold_in(key, i)`.
-
-    One random 32-bit word gives 32 signs (unpacked with shifts), 32x fewer random bits than
-    `jax.random.rademacher`, which was measured 11x slower for 99 probes of size 1e4.
-    """
-    words = -(-n // 32)
-    bits = jax.random.bits(jax.random.fold_in(key, i), (words,), jnp.uint32)
-    shifts = jnp.arange(32, dtype=jnp.uint32)
-    unpacked = (bits[:, None] >> shifts[None, :]) & jnp.uint32(1)
-    signs = unpacked.reshape(-1)[:n]
-    return jnp.asarray(1, dtype) - jnp.asarray(2, dtype) * signs.astype(dtype)
+DEFAULT_BATCH = 4
+"""The probes in flight by default (`batch_size`): more only when the user asks."""
 
 
 def map_probes(
@@ -38,19 +30,37 @@ def map_probes(
     """Returns fn(i) for i in start, ..., start + num - 1, stacked along a leading axis of num.
 
     `batch_size=None` vmaps over all probes at once (the operator then sees matrix-matrix
-    products); `batch_size=b` runs `jax.lax.map` over chunks of b, each chunk vmapped, bounding
-    memory to b probes; a remainder of `num % b` probes runs as one last vmapped chunk.
+    products); `batch_size=b` runs a loop over chunks of b, each chunk vmapped, bounding
+    memory to b probes in flight; a remainder of `num % b` probes runs as one last vmapped
+    chunk. Each chunk is written into the stack in place (no reshape or concatenation of
+    the stack, either of which XLA may lay out by gathering a sharded stack).
     """
     if batch_size is None or batch_size >= num:
         return jax.vmap(fn)(jnp.arange(start, start + num, dtype=jnp.int32))
+    if batch_size == 1:  # one at a time: no batch axis for XLA to carry through the loop
+        return jax.lax.map(fn, jnp.arange(start, start + num, dtype=jnp.int32))
     chunks, rem = divmod(num, batch_size)
-    idx = jnp.arange(start, start + chunks * batch_size, dtype=jnp.int32)
-    main = jax.lax.map(jax.vmap(fn), idx.reshape(chunks, batch_size))
-    main = jax.tree.map(lambda x: x.reshape((chunks * batch_size, *x.shape[2:])), main)
-    if rem == 0:
-        return main
-    tail = jax.vmap(fn)(jnp.arange(start + chunks * batch_size, start + num, dtype=jnp.int32))
-    return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), main, tail)
+    batched = jax.vmap(fn)
+
+    def chunk(first, size):
+        return batched(first + jnp.arange(size, dtype=jnp.int32))
+
+    shapes = jax.eval_shape(lambda first: chunk(first, batch_size), jnp.zeros((), jnp.int32))
+    out = jax.tree.map(lambda s: jnp.zeros((num, *s.shape[1:]), s.dtype), shapes)
+
+    def write(out, values, at):
+        return jax.tree.map(lambda o, v: jax.lax.dynamic_update_slice_in_dim(o, v, at, 0),
+                            out, values)
+
+    def body(c, out):
+        at = c * batch_size
+        return write(out, chunk(start + at, batch_size), at)
+
+    out = jax.lax.fori_loop(0, chunks, body, out)
+    if rem:
+        at = chunks * batch_size
+        out = write(out, chunk(jnp.asarray(start + at, jnp.int32), rem), at)
+    return out
 
 
 def mean_stderr(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -72,58 +82,72 @@ def work_dtype(dtype: Any) -> Any:
     return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else dtype
 
 
-def sketch(flat_op, key, num: int, batch_size: int | None):
-    """Rademacher probes Ω (rows ω_i, i < num) and AΩ (rows Aω_i), in the working dtype."""
-    dtype = work_dtype(flat_op.dtype)
+def sketch(op: TreeOperator, key: jax.Array, num: int, batch_size: int | None):
+    """Rademacher probes Ω (a stack of ω_i, i < num) and AΩ (of Aω_i), in the working dtype."""
+    dtype = work_dtype(op.dtype)
 
     def probe(i):
-        w = rademacher(key, i, flat_op.n, flat_op.dtype)
-        return w.astype(dtype), flat_op.matvec(w).astype(dtype)
+        w = vec.rademacher(op, key, i)
+        return vec.astype(w, dtype), vec.astype(op.matvec(w), dtype)
 
     return map_probes(probe, num, batch_size)
 
 
-def apply_rows(flat_op, rows: jax.Array, batch_size: int | None) -> jax.Array:
-    """A applied to each row of `rows` (num, n), vmapped batch_size rows at a time.
+def apply_rows(op: TreeOperator, rows: PyTree, batch_size: int | None,
+               reduce: Callable | None = None) -> PyTree:
+    """A applied to each vector of the stack `rows`, vmapped batch_size vectors at a time.
 
-    Rows are rounded to the operator's dtype on the way in, the products returned in the
-    dtype of `rows` (the working dtype).
+    Vectors are rounded to the operator's dtype on the way in, the products returned in the
+    dtype of `rows` (the working dtype). With `reduce`, returns `reduce(i, row_i, A row_i)`
+    stacked instead, and the products are never stored together.
     """
-    return map_probes(lambda i: flat_op.matvec(rows[i].astype(flat_op.dtype)).astype(rows.dtype),
-                      rows.shape[0], batch_size)
+    first = jax.tree.leaves(rows)[0]
+
+    def one(i):
+        r = vec.row(rows, i)
+        product = vec.astype(op.matvec(vec.astype(r, op.dtype)), first.dtype)
+        return product if reduce is None else reduce(i, r, product)
+
+    return map_probes(one, first.shape[0], batch_size)
 
 
-def orthonormal_basis(y: jax.Array) -> jax.Array:
-    """An n × k matrix Q with orthonormal (or zero) columns whose span is range(yᵀ), y (k, n).
+def _qr(y: PyTree) -> tuple[PyTree, jax.Array]:
+    """Y = QR for a stack y of s vectors: Q a stack of orthonormal vectors, R (s, s) upper.
 
-    CholeskyQR (Fukaya et al. 2014) with the Cholesky factor replaced by an eigendecomposition
-    of the k × k Gram matrix, whose near-zero eigenvalues (rank deficiency, rounding) give zero
-    columns instead of NaNs. One pass leaves ‖QᵀQ − I‖ ≈ ε κ(y)² (Yamamoto et al. 2015), so a
-    second pass (CholeskyQR2) runs only when κ(y)² > 100 or y lost rank. Each pass is two
-    n × k × k matrix products, which dominate Hutch++ on a cheap operator; XLA:CPU's
-    Householder QR forming Q was measured 70x slower than the 99 matvecs of a 1e4-parameter
-    Rosenbrock trace. Directions of y below √(10ε) of its largest are dropped: Hutch++ stays
-    unbiased for any Q built from the sketch alone, and loses only their share of accuracy.
+    Classical Gram-Schmidt with reorthogonalisation (`_lanczos.orthogonalise`, DGKS), column
+    by column, leaf by leaf. A column that the earlier ones span to rounding leaves only
+    rounding behind: that is normalised and orthogonalised twice more, so Q stays orthonormal
+    to working precision and R holds the tiny diagonal entry the SVD of R then drops.
     """
+    leaf = jax.tree.leaves(y)[0]
+    s, dtype = leaf.shape[0], leaf.dtype
+    eps = jnp.asarray(jnp.finfo(dtype).eps, dtype)
 
-    def rotate(b):  # b: (n, k) -> columns b v_j / √λ_j, zero where λ_j is at rounding level
-        lam, v = jnp.linalg.eigh(jnp.matmul(b.T, b, precision=jax.lax.Precision.HIGHEST))
-        tiny = jnp.asarray(10.0 * float(jnp.finfo(b.dtype).eps), b.dtype) * jnp.max(lam)
-        keep = lam > tiny
-        scale = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, lam, 1.0)), 0.0).astype(b.dtype)
-        q = jnp.matmul(b, v * scale[None, :], precision=jax.lax.Precision.HIGHEST)
-        ill = ~jnp.all(keep) | (jnp.max(lam) > 100.0 * jnp.min(lam))
-        return q, ill
+    def body(j, carry):
+        q, r = carry
+        col = vec.row(y, j)
+        w, c = _lanczos.orthogonalise(q, col, eps)
+        unit, norm = _lanczos.normalise(w, dtype)
 
-    q, ill = rotate(y.T)
-    return jax.lax.cond(ill, lambda q: rotate(q)[0], lambda q: q, q)
+        def again(u):
+            u, _ = _lanczos.orthogonalise(q, u, eps)
+            u, _ = _lanczos.orthogonalise(q, u, eps)
+            return _lanczos.normalise(u, dtype)[0]
+
+        small = norm <= jnp.sqrt(eps) * vec.norm(col, dtype)
+        unit = jax.lax.cond(small & (norm > 0), again, lambda u: u, unit)
+        return vec.set_row(q, j, unit), r.at[:, j].set(c.at[j].set(norm))
+
+    q0 = jax.tree.map(jnp.zeros_like, y)
+    return jax.lax.fori_loop(0, s, body, (q0, jnp.zeros((s, s), dtype)))
 
 
 class RangeBasis(NamedTuple):
     """A sketch AΩ = UΣVᵀ: the basis U_K of its range, and Σ, V, K."""
 
-    q: jax.Array
-    """(n, s): column a is u_a where a ∈ K, else zero; QQᵀ projects onto range(AΩ)."""
+    q: PyTree
+    """A stack of s vectors: u_a where a ∈ K, else zero; Σ_a u_a u_aᵀ projects onto
+    range(AΩ)."""
     sig: jax.Array
     """(s,): the singular values σ_a of the sketch, descending."""
     vt: jax.Array
@@ -139,26 +163,29 @@ class RangeBasis(NamedTuple):
         return jnp.where(self.keep, self.sig, 0.0)[:, None] * self.vt
 
 
-def range_basis(y: jax.Array) -> RangeBasis:
-    """The thin SVD of the sketch, yᵀ = UΣVᵀ for y (s, n) with rows Aω_i: the basis U_K.
+def range_basis(y: PyTree) -> RangeBasis:
+    """The thin SVD of the sketch Y = UΣVᵀ (y a stack of the s columns Aω_i): the basis U_K.
 
     K keeps the singular values above tol = 10·ε·σ₁. An exact dependency among the columns
-    (rank(A) < s, or Rademacher probes that agree on A's support) leaves a singular value of
-    at most 1.6·ε·σ₁ (measured for n up to 1e5, s up to 50, both dtypes); its direction is
-    defined by rounding, so keeping it would make every projector depend on every probe. What
-    the threshold drops of a real, fast-decaying spectrum is at rounding level and falls to
-    the Hutchinson part, which stays unbiased. An SVD (LAPACK's gesdd: a Householder QR, then
-    the SVD of R), not CholeskyQR: the Gram matrix would lose every direction below √ε of the
-    largest, most of a fast-decaying sketch in float32. One LAPACK call, on purpose: jaxlib
-    splits a batched (vmapped) LAPACK call over XLA's CPU thread pool and blocks a pool thread
-    until its parts finish, so two independent batched calls in one program (a QR's Q and the
-    SVD of its R; a QR and a triangular solve) can take every thread and deadlock, as seen on
-    a 2-core machine.
+    (rank(A) < s, or Rademacher probes that agree on A's support) leaves a singular value at
+    rounding level; its direction is defined by rounding, so keeping it would make every
+    projector depend on every probe. What the threshold drops of a real, fast-decaying
+    spectrum is at rounding level and falls to the Hutchinson part, which stays unbiased.
+    Computed as a QR (`_qr`, Gram-Schmidt on the stack: no flat n × s matrix, every vector
+    keeps the parameters' layout) and the SVD of the s × s R, U = Q U_R: singular values
+    accurate to ε·σ₁, not the √ε·σ₁ of a Gram matrix's eigenvalues, which would lose most of
+    a fast-decaying sketch in float32. One small LAPACK call, on purpose: jaxlib splits a
+    batched (vmapped) LAPACK call over XLA's CPU thread pool and blocks a pool thread until
+    its parts finish, so two independent batched calls in one program can take every thread
+    and deadlock, as seen on a 2-core machine.
     """
-    u, sig, vt = jnp.linalg.svd(y.T, full_matrices=False)
-    tol = jnp.asarray(10.0 * float(jnp.finfo(y.dtype).eps), y.dtype) * sig[0]
+    q, r = _qr(y)
+    u, sig, vt = jnp.linalg.svd(r, full_matrices=False)
+    dtype = r.dtype
+    tol = jnp.asarray(10.0 * float(jnp.finfo(dtype).eps), dtype) * sig[0]
     keep = sig > tol
-    return RangeBasis(u * keep[None, :].astype(u.dtype), sig, vt, keep, tol)
+    basis = vec.combine((u * keep[None, :].astype(dtype)).T, q, dtype)
+    return RangeBasis(basis, sig, vt, keep, tol)
 
 
 class LeaveOut(NamedTuple):

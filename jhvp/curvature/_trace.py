@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from .. import _protocol
 from .._typing import PyTree
 from . import _checks, _sketch
+from . import _vectors as vec
 
 TraceMethod = Literal["hutchinson", "hutch++", "xtrace"]
 _METHODS: tuple[str, ...] = get_args(TraceMethod)
@@ -32,38 +33,41 @@ class TraceResult(NamedTuple):
     """The matvecs spent."""
 
 
-def _hutchinson(flat_op, key, m, batch_size):
-    dtype = _sketch.work_dtype(flat_op.dtype)
+def _hutchinson(op, key, m, batch_size):
+    dtype = _sketch.work_dtype(op.dtype)
 
     def sample(i):
-        v = _sketch.rademacher(key, i, flat_op.n, flat_op.dtype)
-        return jnp.vdot(v.astype(dtype), flat_op.matvec(v).astype(dtype))
+        v = vec.rademacher(op, key, i)
+        return vec.dot(vec.astype(v, dtype), op.matvec(v), dtype)
 
     return _sketch.mean_stderr(_sketch.map_probes(sample, m, batch_size))
 
 
-def _hutchpp(flat_op, key, m, batch_size):
+def _hutchpp(op, key, m, batch_size):
     # Meyer, Musco, Musco & Woodruff (2021), Algorithm 1: m/3 matvecs sketch the range,
     # m/3 take tr(QᵀAQ) exactly, m/3 run Hutchinson on the deflated (I − QQᵀ)A(I − QQᵀ).
     k = m // 3
-    _, y = _sketch.sketch(flat_op, key, k, batch_size)
+    _, y = _sketch.sketch(op, key, k, batch_size)
     # Any Q with orthonormal columns, built from the sketch alone, keeps the estimate unbiased.
-    q = _sketch.orthonormal_basis(y)
-    qt = q.T
-    low = jnp.sum(jnp.sum(qt * _sketch.apply_rows(flat_op, qt, batch_size), axis=1))
+    q = _sketch.range_basis(y).q
+    dtype = jax.tree.leaves(q)[0].dtype
+    # tr(QᵀAQ) one q_a at a time: the products A q_a are never stored.
+    low = jnp.sum(_sketch.apply_rows(op, q, batch_size,
+                                     lambda a, qa, aqa: vec.dot(qa, aqa, dtype)))
 
     def residual(i):
-        g = _sketch.rademacher(key, i, flat_op.n, flat_op.dtype).astype(q.dtype)
+        g = vec.astype(vec.rademacher(op, key, i), dtype)
         # The vector the operator sees, rounded to its dtype, on both sides of the form.
-        w = (g - q @ (qt @ g)).astype(flat_op.dtype)
-        return jnp.vdot(w.astype(q.dtype), flat_op.matvec(w).astype(q.dtype))
+        w = vec.astype(vec.sub(g, vec.combine(vec.coefficients(q, g, dtype), q, dtype)),
+                       op.dtype)
+        return vec.dot(vec.astype(w, dtype), op.matvec(w), dtype)
 
     # Probes k..2k-1: independent of the sketch's probes 0..k-1.
     estimate, stderr = _sketch.mean_stderr(_sketch.map_probes(residual, k, batch_size, start=k))
     return low + estimate, stderr
 
 
-def _xtrace(flat_op, key, m, batch_size):
+def _xtrace(op, key, m, batch_size):
     # Epperly, Tropp & Webber (2024), "XTrace", Section 2 and their reference code (xtrace.m):
     # every probe serves both the low-rank part and the Hutchinson part, leave-one-out.
     # Sample i is tr(AP_i) + ω_iᵀ(I − P_i)A(I − P_i)ω_i, P_i the projector onto
@@ -71,18 +75,23 @@ def _xtrace(flat_op, key, m, batch_size):
     # sketch (`_sketch.leave_out`). The residual is written out, ω_iᵀAω_i − 2ω_iᵀAQx_i +
     # x_iᵀHx_i with x_i = QᵀP_iω_i, rather than reduced with Aω_i ∈ range(Q), so that it stays
     # exact for the directions the basis dropped. Rademacher probes, so without the paper's
-    # "improved" normalisation (it assumes rotation-invariant probes).
+    # "improved" normalisation (it assumes rotation-invariant probes). Only s × s products of
+    # the stacks (`vec.gram`) meet the n-dimensional vectors.
     s = m // 2
-    om, y = _sketch.sketch(flat_op, key, s, batch_size)
+    om, y = _sketch.sketch(op, key, s, batch_size)
+    dtype = jax.tree.leaves(y)[0].dtype
+    omy = vec.row_dots(om, y, dtype)  # ω_iᵀAω_i
     basis = _sketch.range_basis(y)
-    qt = basis.q.T
-    z = _sketch.apply_rows(flat_op, qt, batch_size)  # rows (A q_a)ᵀ
-    h = qt @ z.T  # QᵀAQ
-    w = qt @ om.T  # columns Qᵀω_i
-    t = z @ om.T  # columns (AQ)ᵀω_i = QᵀAω_i
+    q = basis.q
+
+    def rows(a, qa, aqa):  # row a of QᵀAQ and of (AQ)ᵀΩ: the products A q_a are not stored
+        return vec.coefficients(q, aqa, dtype), vec.coefficients(om, aqa, dtype)
+
+    h, t = _sketch.apply_rows(op, q, batch_size, rows)  # QᵀAQ; columns QᵀAω_i
+    w = vec.gram(q, om, dtype)  # columns Qᵀω_i
     tw = jnp.sum(t * w, axis=0)
     whw = jnp.sum(w * (h @ w), axis=0)
-    base = jnp.trace(h) + jnp.sum(om * y, axis=1) - 2.0 * tw + whw  # P_i = P
+    base = jnp.trace(h) + omy - 2.0 * tw + whw  # P_i = P
     loo = _sketch.leave_out(basis)
     f = loo.factor
     fw, ft, fhw = (jnp.sum(f * v, axis=0) for v in (w, t, h @ w))
@@ -135,9 +144,9 @@ def _jackknife(loo, h, w, t, base):
 _IMPLS = {"hutchinson": _hutchinson, "hutch++": _hutchpp, "xtrace": _xtrace}
 
 
-def _trace_impl(flat_op, key, *, method, num_matvecs, batch_size):
-    estimate, stderr = _IMPLS[method](flat_op, key, num_matvecs, batch_size)
-    return estimate.astype(flat_op.dtype), stderr.astype(flat_op.dtype)
+def _trace_impl(op, key, *, method, num_matvecs, batch_size):
+    estimate, stderr = _IMPLS[method](op, key, num_matvecs, batch_size)
+    return estimate.astype(op.dtype), stderr.astype(op.dtype)
 
 
 def trace(
@@ -146,7 +155,7 @@ def trace(
     *,
     num_matvecs: int,
     method: TraceMethod = "hutch++",
-    batch_size: int | None = None,
+    batch_size: int | None = _sketch.DEFAULT_BATCH,
     like: PyTree | None = None,
 ) -> TraceResult:
     """Estimates tr(A) from `num_matvecs` products with Rademacher probes.
@@ -188,8 +197,11 @@ def trace(
     runs in float32; estimate and stderr are returned in the operator's dtype, so they carry
     its rounding (about 2⁻⁸ of the trace for bfloat16).
 
-    Memory: `batch_size` vectors for hutchinson; about m/3 for hutch++ and 2m for xtrace
-    (probes, sketch, basis and A applied to it). Beyond the matvecs, hutch++ and xtrace cost
+    Memory (working vectors beyond what the operator needs for `batch_size` products at once;
+    `tests/test_curvature_memory.py` checks it): hutchinson 2·batch_size + 1; hutch++
+    2m/3 + 2·batch_size + 4 (sketch and basis); xtrace 5m/2 + 2·batch_size + 4 (probes,
+    sketch, basis and their Gram-Schmidt). Vectors keep the parameters' layout, leaf by leaf:
+    on d devices each costs 1/d of a vector per device. Beyond the matvecs, hutch++ and xtrace cost
     O(n m²) flops (an eigendecomposition or an SVD of the sketch) and xtrace O(m³) more for
     the leave-one-out and jackknife projectors.
 
@@ -203,7 +215,8 @@ def trace(
         key: A `jax.random` key.
         num_matvecs: The budget m of matvecs, 1 ≤ m ≤ n.
         method: "hutchinson", "hutch++" or "xtrace".
-        batch_size: Probes applied at once (vmapped, under `jax.lax.map`); None: all.
+        batch_size: Probes applied at once (vmapped, in a loop over batches): 4 by
+            default; None: all at once.
         like: A pytree of arrays or `jax.ShapeDtypeStruct` with the structure of v; required
             for a plain callable, else defaults to `op.in_structure()`.
 
@@ -232,7 +245,7 @@ def trace(
         ...                          method="xtrace", like=jnp.zeros(50))
         >>> error = abs(float(result.estimate) - float(jnp.trace(B)))
         >>> print(f"error {error:.3f}, stderr {float(result.stderr):.3f}")
-        error 0.010, stderr 0.013
+        error 0.004, stderr 0.014
     """
     api = "jhvp.curvature.trace"
     m = _checks.check_budget(num_matvecs, method, _METHODS, {"hutch++": 3, "xtrace": 2}, api)
