@@ -122,11 +122,17 @@ def answers(jax, jnp, jhvp, params, x):
         "diagonal": picked(results["diagonal"].estimate),
         "solution": picked(results["solve"].x),
     }
+    def spec(a):  # the partition spec without trailing Nones: P("fsdp", None) is ('fsdp',)
+        axes = list(a.sharding.spec)
+        while axes and axes[-1] is None:
+            axes.pop()
+        return str(tuple(axes))
+
     layouts = {
-        "eigenvectors": str(results["eigh"].eigenvectors["w1"].sharding.spec),
-        "diagonal": str(results["diagonal"].estimate["w1"].sharding.spec),
-        "solution": str(results["solve"].x["w1"].sharding.spec),
-        "params": str(params["w1"].sharding.spec),
+        "eigenvectors": spec(results["eigh"].eigenvectors["w1"]),
+        "diagonal": spec(results["diagonal"].estimate["w1"]),
+        "solution": spec(results["solve"].x["w1"]),
+        "params": spec(params["w1"]),
     }
     return found, layouts
 

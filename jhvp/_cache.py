@@ -397,11 +397,12 @@ _MethodType = types.MethodType
 
 
 def run(opts: Options, f: Callable, primals: tuple, body: Callable[[Traced], Any],
-        vectors: Any = None, name: str | None = None) -> Any:
+        vectors: Any = None, name: str | None = None, shardings: bool = False) -> Any:
     """Runs the cached program for this call and returns its output.
 
     `vectors` and their `name` ("tangents", "cotangents") are given by calls that take vectors;
-    `body(traced)` is what the program computes (traced once per entry).
+    `body(traced)` is what the program computes (traced once per entry). `shardings=True`
+    (operators) returns `(output, the NamedSharding or None of each differentiated leaf)`.
     """
     key = opts.key
     if name is not None and _select.is_state(vectors):
@@ -416,7 +417,11 @@ def run(opts: Options, f: Callable, primals: tuple, body: Callable[[Traced], Any
     entry = plan.entries.get(roles) or _entry(key, plan, roles, leaves, treedef, body, vectors,
                                               name)
     if name is None:
-        return entry.call(leaves, treedef, dynamic)
+        out = entry.call(leaves, treedef, dynamic)
+        if shardings:
+            return out, tuple(_filter.named_sharding(leaves[p])
+                              for p in entry.layout.diff_positions)
+        return out
     vecs = leaves[plan.n_inputs :]
     if entry.selection is not None:
         vecs = [vecs[i] for i in entry.selection]

@@ -30,6 +30,19 @@ _VALUE_TYPES = frozenset({int, float, bool, str, bytes, complex, type(None)})
 _PURE_TYPES = (type(None), bool, int, float, str, bytes, type, jax.tree_util.PyTreeDef)
 
 
+def named_sharding(x: Any) -> jax.sharding.NamedSharding | None:
+    """The `NamedSharding` of a concrete array spread over more than one device, else None.
+
+    Traced arrays (inside a user's `jax.jit`) have none: there XLA's sharding propagation lays
+    out what is computed from them.
+    """
+    if isinstance(x, jax.Array) and not isinstance(x, Tracer):
+        sharding = x.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
+            return sharding
+    return None
+
+
 def is_array(x: Any) -> bool:
     """Whether a leaf is traced: a JAX or NumPy array, a NumPy scalar, a tracer."""
     return isinstance(x, ARRAY_TYPES)

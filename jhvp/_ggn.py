@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _ad, _cache, _checks, _filter
+from . import _ad, _cache, _checks, _filter, _protocol
 from ._protocol import SymmetricOperator, TangentLayout
 from ._typing import PyTree
 
@@ -270,7 +270,7 @@ def ggn_operator(
         )
     opts = _cache.options(api, len(primals), argnums, False, wrt=wrt)
     problem = _GaussNewtonProblem(model, loss, tuple(loss_args))
-    return _cache.run(opts, problem, primals, _ggn_body)
+    return _protocol.placed(_cache.run(opts, problem, primals, _ggn_body, shardings=True))
 
 
 def empirical_fisher_operator(
@@ -324,4 +324,5 @@ def empirical_fisher_operator(
     per_example_loss = _callable(per_example_loss, "per_example_loss", f"jhvp.{api}")
     primals = _checks.check_primals(primals, f"jhvp.{api}")
     opts = _cache.options(api, len(primals), argnums, False, wrt=wrt)
-    return _cache.run(opts, per_example_loss, primals, _fisher_body)
+    return _protocol.placed(_cache.run(opts, per_example_loss, primals, _fisher_body,
+                                       shardings=True))

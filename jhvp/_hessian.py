@@ -9,7 +9,7 @@ from typing import Any
 
 import jax
 
-from . import _ad, _cache, _checks, _filter, _strategy
+from . import _ad, _cache, _checks, _filter, _protocol, _strategy
 from ._protocol import SymmetricOperator, TangentLayout
 from ._typing import STRATEGIES, PyTree, Strategy
 
@@ -162,6 +162,6 @@ def hessian_operator(
     primals = _checks.check_primals(primals, f"jhvp.{api}")
     _checks.check_choice(strategy, STRATEGIES, "strategy", f"jhvp.{api}", plural="strategies")
     opts = _cache.options(api, len(primals), argnums, has_aux, "fwd_rev", (strategy,), wrt)
-    return _cache.run(opts, f, primals, _body)
+    return _protocol.placed(_cache.run(opts, f, primals, _body, shardings=True))
 
 

@@ -33,6 +33,7 @@ class TangentLayout:
     full_tree: Any
     selection: tuple[int, ...]
     state_paths: tuple | None = None  # NNX modules: the differentiated variables' paths
+    shardings: tuple | None = None  # the differentiated primals' NamedShardings (or None each)
 
     @staticmethod
     def of(layout: _cache.Layout) -> TangentLayout:
@@ -100,11 +101,13 @@ class SymmetricOperator:
             >>> op.in_structure()
             ShapeDtypeStruct(shape=(3,), dtype=float32)
         """
-        return jax.tree.map(
-            lambda g: jax.ShapeDtypeStruct(jnp.shape(g), jnp.result_type(g),
-                                           sharding=named_sharding(g)),
-            self.grad,
-        )
+        leaves, tree = jax.tree.flatten(self.grad)
+        placed = self._tangent_layout.shardings or (None,) * len(leaves)
+        return tree.unflatten([
+            jax.ShapeDtypeStruct(jnp.shape(g), jnp.result_type(g),
+                                 sharding=p if p is not None else named_sharding(g))
+            for g, p in zip(leaves, placed, strict=True)
+        ])
 
     def as_matrix(self) -> jax.Array:
         """Returns the dense n×n matrix, parameters ordered as `jax.flatten_util.ravel_pytree`.
@@ -128,18 +131,20 @@ class SymmetricOperator:
         return f"{type(self).__name__}(n={self.shape[0]}, value={self.value!r})"
 
 
-def named_sharding(x: Any) -> jax.sharding.NamedSharding | None:
-    """The `NamedSharding` of a concrete array spread over more than one device, else None.
+named_sharding = _filter.named_sharding
 
-    It travels in a structure's `jax.ShapeDtypeStruct`, so that the vectors the algorithms of
-    `jhvp.curvature` create get the parameters' layout. Traced arrays (inside a user's
-    `jax.jit`) have none: there XLA's sharding propagation lays them out.
+
+def placed(built: tuple) -> Any:
+    """An operator from `_cache.run(..., shardings=True)`, holding its primals' shardings.
+
+    The vectors `jhvp.curvature` creates (probes, bases, iterates) then get the parameters'
+    layout (`in_structure()` carries it), whatever layout XLA chose for the gradient.
     """
-    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-        sharding = x.sharding
-        if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
-            return sharding
-    return None
+    op, shardings = built
+    if all(s is None for s in shardings):
+        return op
+    layout = dataclasses.replace(op._tangent_layout, shardings=shardings)
+    return dataclasses.replace(op, _tangent_layout=layout)
 
 
 def apply_traced(op: SymmetricOperator, vecs: list) -> PyTree:

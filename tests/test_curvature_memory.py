@@ -78,7 +78,9 @@ def test_eight_devices_give_the_one_device_answers(measured):
 @pytest.mark.slow
 def test_results_are_sharded_not_replicated(measured):
     _, eight = measured
+    # Like the parameters, P("fsdp", None) (eigenvectors behind their leading axis k), also
+    # where XLA lays the gradient out otherwise (here P(None, "fsdp")).
     layouts = eight["layouts"]
-    assert "fsdp" in layouts["params"]
-    for field in ("eigenvectors", "diagonal", "solution"):
-        assert "fsdp" in layouts[field], layouts
+    assert layouts["params"] == "('fsdp',)", layouts
+    assert layouts["eigenvectors"] == "(None, 'fsdp')", layouts
+    assert layouts["diagonal"] == layouts["solution"] == "('fsdp',)", layouts
