@@ -8,6 +8,7 @@ Examples:
     python -m bench --cases mlp-85k --methods compat_hvp torch_hvp --repeat 10  # the spread
     python -m bench --cases eqx-mlp-85k          # an Equinox module against eqx.partition by hand
     python -m bench --suite curvature            # eigenvalues, traces, densities vs PyHessian...
+    python -m bench --suite curvature --memory   # their memory per device, 1 and 8 devices
     python -m bench.report DIR [DIR ...]         # re-render (and merge) saved runs
 """
 
@@ -45,7 +46,8 @@ def parse(argv=None):
     ap.add_argument("--methods", nargs="+", default=None, help="method names (reference is added)")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--memory", action="store_true",
-                    help="measure peak memory, one subprocess per (case, method)")
+                    help="measure peak memory, one subprocess per (case, method); with --suite "
+                         "curvature: memory per device of each algorithm, 1 and 8 devices")
     ap.add_argument("--rounds", type=int, default=None, help="override the interleaved rounds")
     ap.add_argument("--seconds", type=float, default=None, help="override seconds per method")
     ap.add_argument("--repeat", type=int, default=1,
@@ -193,8 +195,19 @@ def main(argv=None) -> int:
         worker(args)
         return 0
     if args.suite.startswith("curvature"):
-        if args.memory or args.repeat > 1:
-            sys.exit("--memory and --repeat apply to the H·v suites, not to --suite curvature")
+        if args.memory:
+            # Per-device working memory of each algorithm on an FSDP-sharded model, 1 and 8
+            # simulated devices (bench/sharded_memory.py): the table of bench/RESULTS.md.
+            from . import sharded_memory
+
+            table = sharded_memory.table(sharded_memory.run(1), sharded_memory.run(8))
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "curvature_memory.md"), "w") as fh:
+                fh.write(table + "\n")
+            print(table)
+            return 0
+        if args.repeat > 1:
+            sys.exit("--repeat applies to the H·v suites, not to --suite curvature")
         return curvature.main(args, header(args))
     cases, methods = select(args)
     budget = {"quick": harness.QUICK, "full": harness.FULL, "tiny": harness.TINY,
