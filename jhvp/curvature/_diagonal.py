@@ -61,6 +61,10 @@ def _merge(a, b):
 def _hutchinson(op, key, m, batch_size):
     # Bekas, Kokiopoulou & Saad (2007): E[v ⊙ Av] = diag(A) for Rademacher v (v ⊙ v = 1).
     size = m if batch_size is None else min(batch_size, m)
+    if size < m:  # equal chunks where a divisor allows: a remainder is one more program copy
+        chunks, even = _sketch.chunking(m, size)
+        if chunks * even == m:
+            size = even
     chunks, rem = divmod(m, size)
     stats = _chunk_stats(op, key, jnp.zeros((), jnp.int32), size)
     if chunks > 1:

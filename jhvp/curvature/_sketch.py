@@ -24,43 +24,54 @@ DEFAULT_BATCH = 4
 """The probes in flight by default (`batch_size`): more only when the user asks."""
 
 
+def chunking(num: int, batch_size: int) -> tuple[int, int]:
+    """(chunks, size): num probes in equal chunks of at most batch_size, with no remainder.
+
+    A remainder would be a second vmapped copy of the operator in the program: measured 3 s
+    more compilation for a Hutch++ trace on an 85k MLP. The size is the largest divisor of num
+    up to batch_size when that is at least half of it; otherwise chunks of batch_size, the last
+    padded with up to chunks − 1 probes past num, computed and dropped.
+    """
+    divisor = max(d for d in range(1, batch_size + 1) if num % d == 0)
+    if 2 * divisor >= batch_size:
+        return num // divisor, divisor
+    chunks = -(-num // batch_size)
+    return chunks, -(-num // chunks)
+
+
 def map_probes(
     fn: Callable[[jax.Array], PyTree], num: int, batch_size: int | None, *, start: int = 0
 ) -> PyTree:
     """Returns fn(i) for i in start, ..., start + num - 1, stacked along a leading axis of num.
 
     `batch_size=None` vmaps over all probes at once (the operator then sees matrix-matrix
-    products); `batch_size=b` runs a loop over chunks of b, each chunk vmapped, bounding
-    memory to b probes in flight; a remainder of `num % b` probes runs as one last vmapped
-    chunk. Each chunk is written into the stack in place (no reshape or concatenation of
-    the stack, either of which XLA may lay out by gathering a sharded stack).
+    products); `batch_size=b` runs a loop over equal chunks of at most b (`chunking`), each
+    chunk vmapped, bounding memory to b probes in flight (b = 1: `jax.lax.map`, no batch
+    axis). Each chunk is written into the stack in place (no reshape or concatenation of the
+    stack, either of which XLA may lay out by gathering a sharded stack).
     """
     if batch_size is None or batch_size >= num:
         return jax.vmap(fn)(jnp.arange(start, start + num, dtype=jnp.int32))
     if batch_size == 1:  # one at a time: no batch axis for XLA to carry through the loop
         return jax.lax.map(fn, jnp.arange(start, start + num, dtype=jnp.int32))
-    chunks, rem = divmod(num, batch_size)
+    chunks, size = chunking(num, batch_size)
     batched = jax.vmap(fn)
 
-    def chunk(first, size):
+    def chunk(first):
         return batched(first + jnp.arange(size, dtype=jnp.int32))
 
-    shapes = jax.eval_shape(lambda first: chunk(first, batch_size), jnp.zeros((), jnp.int32))
-    out = jax.tree.map(lambda s: jnp.zeros((num, *s.shape[1:]), s.dtype), shapes)
-
-    def write(out, values, at):
-        return jax.tree.map(lambda o, v: jax.lax.dynamic_update_slice_in_dim(o, v, at, 0),
-                            out, values)
+    shapes = jax.eval_shape(chunk, jnp.zeros((), jnp.int32))
+    out = jax.tree.map(lambda s: jnp.zeros((chunks * size, *s.shape[1:]), s.dtype), shapes)
 
     def body(c, out):
-        at = c * batch_size
-        return write(out, chunk(start + at, batch_size), at)
+        at = c * size
+        return jax.tree.map(lambda o, v: jax.lax.dynamic_update_slice_in_dim(o, v, at, 0),
+                            out, chunk(start + at))
 
     out = jax.lax.fori_loop(0, chunks, body, out)
-    if rem:
-        at = chunks * batch_size
-        out = write(out, chunk(jnp.asarray(start + at, jnp.int32), rem), at)
-    return out
+    if chunks * size == num:
+        return out
+    return jax.tree.map(lambda x: x[:num], out)
 
 
 def mean_stderr(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
