@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import DTYPE, X64, rademacher_probe
+from helpers import DTYPE, X64, rademacher_probe, sym_matrix
 from jax.flatten_util import ravel_pytree
 
 import jhvp
@@ -16,13 +16,6 @@ from jhvp.curvature import eigh, lanczos, power_iteration, spectral_density
 
 KEY = jax.random.key(0)
 EPS = float(jnp.finfo(DTYPE).eps)
-
-
-def sym_matrix(eigenvalues, seed=0):
-    rng = np.random.default_rng(seed)
-    n = len(eigenvalues)
-    U, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    return (U * np.asarray(eigenvalues, np.float64)) @ U.T
 
 
 def flat_rows(tree):

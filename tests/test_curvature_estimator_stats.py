@@ -230,8 +230,9 @@ VMAP = textwrap.dedent(
 def test_xtrace_and_xdiag_under_vmap_in_a_subprocess():
     # jaxlib splits a batched LAPACK call over XLA's CPU threads and blocks one until its parts
     # finish: two independent ones in a program (a QR and a triangular solve, as XTrace and
-    # XDiag had; a QR's Q and an SVD of its R) deadlocked on 2 cores. Now one SVD each. The
-    # timeout keeps a hang from blocking the suite.
+    # XDiag had; a QR's Q and an SVD of its R) deadlocked on 2 cores. Now one small SVD each
+    # (of the s × s R of a Gram-Schmidt on the sketch). The timeout keeps a hang from blocking
+    # the suite.
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_ENABLE_X64"] = "1" if X64 else "0"
