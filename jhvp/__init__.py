@@ -16,6 +16,8 @@ Examples:
 import importlib.metadata as _metadata
 
 from . import curvature as curvature
+from ._data import StreamedOperator as StreamedOperator
+from ._data import batches as batches
 from ._ggn import empirical_fisher_operator as empirical_fisher_operator
 from ._ggn import ggn_operator as ggn_operator
 from ._hessian import HessianOperator as HessianOperator
@@ -35,6 +37,8 @@ del _metadata
 
 __all__ = [
     "HessianOperator",
+    "StreamedOperator",
+    "batches",
     "empirical_fisher_operator",
     "ggn_operator",
     "hessian_operator",

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _ad, _cache, _checks, _filter, _protocol
+from . import _ad, _cache, _checks, _data, _filter, _protocol
 from ._protocol import SymmetricOperator, TangentLayout
 from ._typing import PyTree
 
@@ -208,6 +208,10 @@ def ggn_operator(
     argnums: int | Sequence[int] = 0,
     loss_args: Sequence[Any] = (),
     wrt: Any = None,
+    data: Any = None,
+    reduction: str = "mean",
+    batch_size_fn: Callable | None = None,
+    check_deterministic: bool = False,
 ) -> GGNOperator:
     """Returns the generalised Gauss-Newton matrix G = Jᵀ (∇²_z L) J as a `GGNOperator`.
 
@@ -233,9 +237,18 @@ def ggn_operator(
         loss_args: Extra positional arguments of `loss` (targets): arrays are traced, other
             leaves static.
         wrt: Which leaves of the differentiated primals are differentiated, as in `jhvp.hvp`.
+        data: A dataset of batches (x, *rest): the operator is then Σ_b w_b G_b, G_b the GGN of
+            loss(model(*primals, x_b), *rest_b, *loss_args), w_b = n_b/N (`reduction="mean"`)
+            or 1 (`"sum"`), as in `hessian_operator`; `jhvp.batches(x, y, batch_size=B)` on the
+            device, a re-iterable of (x, y) batches streamed.
+        reduction: "mean" (default) or "sum", with `data` only.
+        batch_size_fn: batch -> its number of examples (streamed dict batches); `data` only.
+        check_deterministic: Apply the operator twice at construction and raise if the
+            products differ; `data` only.
 
     Returns:
-        A `GGNOperator` with `op(v)`, `op @ v`, `op.value` (L) and `op.grad` (∇L).
+        A `GGNOperator` with `op(v)`, `op @ v`, `op.value` (L) and `op.grad` (∇L) (a
+        `jhvp.StreamedOperator` for streamed `data`).
 
     Raises:
         TypeError: `model` or `loss` is not callable; `primals` or `loss_args` is not a tuple or
@@ -268,6 +281,11 @@ def ggn_operator(
             f"jhvp.{api}: `loss_args` must be a tuple (or list) of loss's extra positional "
             f"arguments, got {type(loss_args).__name__}. For one target y, pass `loss_args=(y,)`."
         )
+    _data.check_options(data, api, reduction=reduction, batch_size_fn=batch_size_fn,
+                        check_deterministic=check_deterministic)
+    if data is not None:
+        return _data.operator("ggn", api, (model, loss), tuple(loss_args), primals, argnums,
+                              wrt, data, reduction, batch_size_fn, check_deterministic)
     opts = _cache.options(api, len(primals), argnums, False, wrt=wrt)
     problem = _GaussNewtonProblem(model, loss, tuple(loss_args))
     return _protocol.placed(_cache.run(opts, problem, primals, _ggn_body, shardings=True))
@@ -279,6 +297,10 @@ def empirical_fisher_operator(
     *,
     argnums: int | Sequence[int] = 0,
     wrt: Any = None,
+    data: Any = None,
+    reduction: str = "mean",
+    batch_size_fn: Callable | None = None,
+    check_deterministic: bool = False,
 ) -> FisherOperator:
     """Returns the empirical Fisher F = (1/N) JᵀJ, J = ∂ℓ/∂θ, as a `FisherOperator`.
 
@@ -299,9 +321,18 @@ def empirical_fisher_operator(
         primals: A tuple of its positional arguments, each any pytree.
         argnums: Which arguments are differentiated, as in `jax.grad`.
         wrt: Which leaves of the differentiated primals are differentiated, as in `jhvp.hvp`.
+        data: A dataset: per_example_loss(*primals, *batch_b) gives batch b's losses, and the
+            operator is (1/N) Σᵢ ∇ℓᵢ∇ℓᵢᵀ over all N examples (`reduction="mean"`) or
+            Σᵢ ∇ℓᵢ∇ℓᵢᵀ (`"sum"`), value mean or sum of ℓ; on the device or streamed, as in
+            `hessian_operator`.
+        reduction: "mean" (default) or "sum", with `data` only.
+        batch_size_fn: batch -> its number of examples (streamed dict batches); `data` only.
+        check_deterministic: Apply the operator twice at construction and raise if the
+            products differ; `data` only.
 
     Returns:
-        A `FisherOperator` with `op(v)`, `op @ v`, `op.value` (mean ℓ) and `op.grad` (∇ mean ℓ).
+        A `FisherOperator` with `op(v)`, `op @ v`, `op.value` (mean ℓ) and `op.grad` (∇ mean ℓ)
+        (a `jhvp.StreamedOperator` for streamed `data`).
 
     Raises:
         TypeError: `per_example_loss` is not callable or does not return a 1-D floating-point
@@ -323,6 +354,11 @@ def empirical_fisher_operator(
     api = "empirical_fisher_operator"
     per_example_loss = _callable(per_example_loss, "per_example_loss", f"jhvp.{api}")
     primals = _checks.check_primals(primals, f"jhvp.{api}")
+    _data.check_options(data, api, reduction=reduction, batch_size_fn=batch_size_fn,
+                        check_deterministic=check_deterministic)
+    if data is not None:
+        return _data.operator("fisher", api, (per_example_loss,), (), primals, argnums, wrt,
+                              data, reduction, batch_size_fn, check_deterministic)
     opts = _cache.options(api, len(primals), argnums, False, wrt=wrt)
     return _protocol.placed(_cache.run(opts, per_example_loss, primals, _fisher_body,
                                        shardings=True))

@@ -9,7 +9,7 @@ from typing import Any
 
 import jax
 
-from . import _ad, _cache, _checks, _filter, _protocol, _strategy
+from . import _ad, _cache, _checks, _data, _filter, _protocol, _strategy
 from ._protocol import SymmetricOperator, TangentLayout
 from ._typing import STRATEGIES, PyTree, Strategy
 
@@ -110,6 +110,10 @@ def hessian_operator(
     has_aux: bool = False,
     strategy: Strategy = "auto",
     wrt: Any = None,
+    data: Any = None,
+    reduction: str = "mean",
+    batch_size_fn: Callable | None = None,
+    check_deterministic: bool = False,
 ) -> HessianOperator:
     """Returns the Hessian H = ∇²f(primals) as a `HessianOperator` that applies H·v.
 
@@ -138,9 +142,22 @@ def hessian_operator(
             "recompute" (store the primals, recompute per application).
         wrt: Which leaves are differentiated, as in `hvp` (NNX modules: `nnx.Param` only by
             default); the operator then acts on those leaves only (a Hessian block).
+        data: A dataset: the operator is then the Hessian of the loss over all its batches,
+            Σ_b w_b ∇²f(*primals, *batch_b), each batch appended to f's arguments, w_b = n_b/N
+            (`reduction="mean"`) or 1 (`"sum"`); `value` and `grad` alike. `jhvp.batches(...)`
+            keeps the data on the device (a pytree operator, one program per application);
+            any re-iterable of batches (a list of tuples, a data loader) is streamed (a
+            `jhvp.StreamedOperator`). Each application recomputes every batch's
+            forward-over-reverse pass: memory is one batch's, whatever N. See `jhvp.batches`.
+        reduction: "mean" (default) or "sum", with `data` only.
+        batch_size_fn: batch -> its number of examples, for streamed batches whose first leaf
+            does not have the examples along its leading axis (a dict batch); `data` only.
+        check_deterministic: Apply the dataset operator twice at construction and raise if
+            the products differ (shuffling, augmentation, dropout); `data` only.
 
     Returns:
-        A `HessianOperator` with `op(v)`, `op @ v`, `op.value`, `op.grad`, `op.aux`.
+        A `HessianOperator` with `op(v)`, `op @ v`, `op.value`, `op.grad`, `op.aux` (a
+        `jhvp.StreamedOperator` for streamed `data`).
 
     Raises:
         TypeError: As `hvp`.
@@ -161,6 +178,12 @@ def hessian_operator(
     api = "hessian_operator"
     primals = _checks.check_primals(primals, f"jhvp.{api}")
     _checks.check_choice(strategy, STRATEGIES, "strategy", f"jhvp.{api}", plural="strategies")
+    _data.check_options(data, api, reduction=reduction, batch_size_fn=batch_size_fn,
+                        check_deterministic=check_deterministic, has_aux=has_aux)
+    if data is not None:
+        _checks.check_callable(f, f"jhvp.{api}")
+        return _data.operator("hessian", api, (f,), (), primals, argnums, wrt, data, reduction,
+                              batch_size_fn, check_deterministic)
     opts = _cache.options(api, len(primals), argnums, has_aux, "fwd_rev", (strategy,), wrt)
     return _protocol.placed(_cache.run(opts, f, primals, _body, shardings=True))
 

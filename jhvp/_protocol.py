@@ -237,6 +237,9 @@ class TreeOperator(NamedTuple):
     """The number of scalar entries of a vector."""
     dtype: Any
     """The dtype of every leaf of a vector."""
+    streamed: Any = None
+    """The `jhvp.StreamedOperator` behind `matvec`, or None: the algorithm then runs outside
+    `jax.jit` and its loops through `jhvp.curvature._flow`."""
 
     def to_struct(self, tree: PyTree) -> PyTree:
         """Casts each leaf of `tree` (leading axes allowed) to its structure's dtype."""
@@ -311,7 +314,8 @@ def on_trees(op: Any, struct: PyTree, api: str, name: str = "like") -> TreeOpera
             checked.append(True)
         return jax.tree.map(lambda v: jnp.asarray(v, dtype), out)
 
-    return TreeOperator(matvec, struct, size(struct), dtype)
+    streamed = op if getattr(op, "_streams", False) else None
+    return TreeOperator(matvec, struct, size(struct), dtype, streamed)
 
 
 def flatten(op: Any, struct: PyTree, api: str, name: str = "like") -> FlatOperator:
@@ -365,7 +369,8 @@ _PROGRAMS = _cache.table("operator programs")
 
 
 def run(impl: Callable, op: Any, struct: PyTree, *args: Any, api: str, name: str = "like",
-        view: Callable = on_trees, **config: Any) -> Any:
+        view: Callable = on_trees, progress: bool = False, budget: int | None = None,
+        **config: Any) -> Any:
     """Runs `impl(view(op, ...), *args, **config)` as one compiled program, `op` an argument.
 
     `view` is `on_trees` (a `TreeOperator`: `jhvp.curvature`) or `flatten` (`jhvp.interop`).
@@ -376,7 +381,13 @@ def run(impl: Callable, op: Any, struct: PyTree, *args: Any, api: str, name: str
     filter (`_filter.partition`), weakly: a callable passed here is not kept alive, and its
     compiled program goes when it does. `config` is static. Inside a user's `jax.jit` this is an
     ordinary nested call. `name` is the argument that gave `struct`, for error messages.
+
+    A `jhvp.StreamedOperator` (data on the host) cannot be an argument: `impl` then runs
+    outside `jax.jit`, its loops as Python loops of compiled steps (`jhvp.curvature._flow`),
+    with a tqdm bar over `budget` matvecs × batches when `progress` is true.
     """
+    if getattr(op, "_streams", False):
+        return _run_streamed(impl, op, struct, args, api, name, view, progress, budget, config)
     leaves, treedef, arrays, op_key = _filter.partition(op)
     struct_leaves, struct_tree = jax.tree.flatten(struct)
     key = (impl, view, op_key, struct_tree, tuple(struct_leaves), api, name,
@@ -392,6 +403,25 @@ def run(impl: Callable, op: Any, struct: PyTree, *args: Any, api: str, name: str
 
     entry = _cache.lookup(_PROGRAMS, key, lambda: _cache.Entry(make_jitted))
     return entry.call(leaves, treedef, arrays, args)
+
+
+def _run_streamed(impl, op, struct, args, api, name, view, progress, budget, config):
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError as err:
+            raise ImportError(f"{api}: progress=True needs tqdm, an optional extra: "
+                              "pip install 'jhvp[progress]' (or pip install tqdm).") from err
+        total = None if budget is None else budget * op.num_batches
+        bar = tqdm(total=total, desc=api.rpartition(".")[2], unit="batch")
+    op.progress = bar
+    try:
+        return impl(view(op, struct, api, name), *args, **config)
+    finally:
+        op.progress = None
+        if bar is not None:
+            bar.close()
 
 
 def size(struct: PyTree) -> int:

@@ -1,5 +1,7 @@
 """jhvp.curvature.spectral_density (stochastic Lanczos quadrature) and the probes it draws."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,6 +73,9 @@ def test_default_sigma_integrates_to_one_and_covers_the_spectrum():
     assert float(out.grid[0]) < w.min() and float(out.grid[-1]) > w.max()
 
 
+_ON_DEVICE = types.SimpleNamespace(streamed=None)  # an operator on the device, as map_probes sees it
+
+
 def test_probes_and_map_probes():
     n = 1000
     signs = np.stack([np.asarray(rademacher_probe(KEY, i, n, DTYPE)) for i in range(4)])
@@ -80,7 +85,7 @@ def test_probes_and_map_probes():
     fn = lambda i: {"x": jax.random.normal(jax.random.fold_in(KEY, i), (5,), DTYPE), "i": i}
     ref = jax.vmap(fn)(jnp.arange(2, 9))
     for b in (None, 1, 3, 7, 100):
-        out = _sketch.map_probes(fn, 7, b, start=2)
+        out = _sketch.map_probes(_ON_DEVICE, fn, 7, b, start=2)
         np.testing.assert_array_equal(out["i"], np.arange(2, 9))
         assert_rounding_close(out["x"], ref["x"], steps=1)  # elementwise: one step
 

@@ -9,6 +9,8 @@ from jhvp import compat
 def test_jhvp_all_is_pinned():
     assert sorted(jhvp.__all__) == [
         "HessianOperator",
+        "StreamedOperator",
+        "batches",
         "empirical_fisher_operator",
         "ggn_operator",
         "hessian_operator",

@@ -127,7 +127,7 @@ def _density_impl(op, key, *, num_probes, num_matvecs, num_points, sigma, batch_
         theta, S = jnp.linalg.eigh(T)
         return theta, S[0] ** 2
 
-    nodes, weights = _sketch.map_probes(quadrature, num_probes, batch_size)
+    nodes, weights = _sketch.map_probes(op, quadrature, num_probes, batch_size)
     dtype = nodes.dtype
     lo, hi = _support(nodes, weights)
     if sigma is None:
@@ -152,6 +152,7 @@ def spectral_density(
     sigma: float | None = None,
     batch_size: int | None = 1,
     like: PyTree = None,
+    progress: bool = False,
 ) -> SpectralDensity:
     """Estimates the eigenvalue density (1/n) Σᵢ δ(t - λᵢ) by stochastic Lanczos quadrature.
 
@@ -188,6 +189,10 @@ def spectral_density(
         like: A pytree of arrays or `jax.ShapeDtypeStruct` with the structure of v; needed for
             a plain callable `op`.
 
+        progress: Over a `jhvp.StreamedOperator` (data streamed from the host), show a tqdm
+            bar over matvecs × batches (tqdm: the `progress` extra). Ignored on the device,
+            where the algorithm is one compiled program.
+
     Returns:
         A `SpectralDensity(grid, density, nodes, weights, sigma)`.
 
@@ -221,6 +226,7 @@ def spectral_density(
     sigma = _checks.check_positive(sigma, "sigma", api)
     _checks.check_batch_size(batch_size, api)
     return _protocol.run(
-        _density_impl, op, struct, key, api=api, num_probes=num_probes, num_matvecs=num_matvecs,
+        _density_impl, op, struct, key, api=api, progress=progress, budget=num_probes * num_matvecs,
+        num_probes=num_probes, num_matvecs=num_matvecs,
         num_points=num_points, sigma=sigma, batch_size=batch_size,
     )

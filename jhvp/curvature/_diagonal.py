@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _protocol
 from .._typing import PyTree
-from . import _checks, _sketch
+from . import _checks, _flow, _sketch
 from . import _vectors as vec
 
 DiagonalMethod = Literal["hutchinson", "xdiag"]
@@ -71,7 +71,7 @@ def _hutchinson(op, key, m, batch_size):
         def body(acc, c):
             return _merge(acc, _chunk_stats(op, key, c * size, size)), None
 
-        stats, _ = jax.lax.scan(body, stats, jnp.arange(1, chunks, dtype=jnp.int32))
+        stats, _ = _flow.scan(op, body, stats, jnp.arange(1, chunks, dtype=jnp.int32))
     if rem:
         stats = _merge(stats, _chunk_stats(op, key, jnp.asarray(chunks * size, jnp.int32), rem))
     _, mean, squares = stats
@@ -169,6 +169,7 @@ def diagonal(
     method: DiagonalMethod = "hutchinson",
     batch_size: int | None = _sketch.DEFAULT_BATCH,
     like: PyTree | None = None,
+    progress: bool = False,
 ) -> DiagonalResult:
     """Estimates diag(A) from `num_matvecs` products with Rademacher probes.
 
@@ -221,6 +222,10 @@ def diagonal(
         like: A pytree of arrays or `jax.ShapeDtypeStruct` with the structure of v; required
             for a plain callable, else defaults to `op.in_structure()`.
 
+        progress: Over a `jhvp.StreamedOperator` (data streamed from the host), show a tqdm
+            bar over matvecs × batches (tqdm: the `progress` extra). Ignored on the device,
+            where the algorithm is one compiled program.
+
     Returns:
         A `DiagonalResult`; estimate and stderr have the structure of v.
 
@@ -254,7 +259,8 @@ def diagonal(
     _checks.check_key(key, api)
     _checks.check_dimension(m, _protocol.size(struct), "curvature.diagonal_exact(op)", api)
     estimate, stderr = _protocol.run(
-        _diagonal_impl, op, struct, key, api=api, method=method, num_matvecs=m,
+        _diagonal_impl, op, struct, key, api=api, progress=progress, budget=m, method=method,
+        num_matvecs=m,
         batch_size=batch_size,
     )
     return DiagonalResult(estimate, stderr, m)
@@ -276,7 +282,7 @@ def _exact_impl(op, *, batch_size):
         return sum(jnp.sum(jnp.where(mask, x, jnp.zeros_like(x)))
                    for mask, x in zip(masks, out, strict=True))
 
-    d = _sketch.map_probes(entry, op.n, batch_size)
+    d = _sketch.map_probes(op, entry, op.n, batch_size)
     leaves = [d[o : o + size].reshape(s.shape)
               for o, size, s in zip(offsets, sizes, jax.tree.leaves(op.struct), strict=True)]
     estimate = vec.constrain(op, tree.unflatten(leaves))
@@ -284,7 +290,8 @@ def _exact_impl(op, *, batch_size):
 
 
 def diagonal_exact(
-    op: Any, *, batch_size: int | None = _sketch.DEFAULT_BATCH, like: PyTree | None = None
+    op: Any, *, batch_size: int | None = _sketch.DEFAULT_BATCH, like: PyTree | None = None,
+    progress: bool = False,
 ) -> DiagonalResult:
     """Computes diag(A) exactly, A_ii = e_iᵀAe_i, from n matvecs over the unit basis.
 
@@ -297,6 +304,10 @@ def diagonal_exact(
         batch_size: Basis vectors applied at once (vmapped): 16 by default; None: all n.
         like: A pytree of arrays or `jax.ShapeDtypeStruct` with the structure of v; required
             for a plain callable, else defaults to `op.in_structure()`.
+
+        progress: Over a `jhvp.StreamedOperator` (data streamed from the host), show a tqdm
+            bar over matvecs × batches (tqdm: the `progress` extra). Ignored on the device,
+            where the algorithm is one compiled program.
 
     Returns:
         A `DiagonalResult` with stderr zeros and num_matvecs = n.
@@ -315,5 +326,6 @@ def diagonal_exact(
     api = "jhvp.curvature.diagonal_exact"
     _checks.check_batch_size(batch_size, api)
     struct = _protocol.structure(op, like, api)
-    estimate, stderr = _protocol.run(_exact_impl, op, struct, api=api, batch_size=batch_size)
+    estimate, stderr = _protocol.run(_exact_impl, op, struct, api=api, progress=progress,
+                                     budget=_protocol.size(struct), batch_size=batch_size)
     return DiagonalResult(estimate, stderr, _protocol.size(struct))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from .. import _protocol
 from .._typing import PyTree
-from . import _checks, _lanczos
+from . import _checks, _flow, _lanczos
 from . import _vectors as vec
 
 WHICH = ("LA", "SA", "LM")
@@ -102,6 +102,8 @@ def _differentiable(op: _protocol.TreeOperator) -> tuple[_protocol.TreeOperator,
     (`jax.make_jaxpr`) hoists them into explicit arguments, as `jax.closure_convert` does
     (whose global cache would keep the user's operator alive).
     """
+    if op.streamed is not None:  # data on the host: no traced arrays to differentiate
+        return op, lambda theta, vectors: theta
     closed, out_shape = jax.make_jaxpr(op.matvec, return_shape=True)(
         jax.tree.map(lambda s: jnp.zeros(s.shape, op.dtype), op.struct))
     out_tree = jax.tree.structure(out_shape)
@@ -183,6 +185,7 @@ def eigh(
     rtol: float | None = None,
     reortho: str = "partial",
     like: PyTree = None,
+    progress: bool = False,
 ) -> EighResult:
     """Computes k extreme eigenpairs A y = λ y of a symmetric operator by the Lanczos method.
 
@@ -244,6 +247,10 @@ def eigh(
         like: A pytree of arrays or `jax.ShapeDtypeStruct` with the structure of v; needed for
             a plain callable `op`.
 
+        progress: Over a `jhvp.StreamedOperator` (data streamed from the host), show a tqdm
+            bar over matvecs × batches (tqdm: the `progress` extra). Ignored on the device,
+            where the algorithm is one compiled program.
+
     Returns:
         An `EighResult(eigenvalues, eigenvectors, residual_norms, converged, num_matvecs)`.
 
@@ -290,7 +297,9 @@ def eigh(
     rtol = _checks.check_positive(rtol, "rtol", api)
     _checks.check_choice(reortho, ("partial", "full"), "`reortho`", api)
     return _protocol.run(
-        _eigh_impl, op, struct, key, api=api, k=k, which=which, num_matvecs=num_matvecs,
+        _eigh_impl, op, struct, key, api=api, progress=progress, budget=num_matvecs, k=k,
+        which=which,
+        num_matvecs=num_matvecs,
         rtol=rtol, reortho=reortho,
     )
 
@@ -326,7 +335,7 @@ def _power_impl(op, key, *, max_iters, rtol):
     v = vec.astype(vec.astype(v, store), dtype)
     w, lam, residual = apply(v)
     carry = (jnp.ones((), jnp.int32), v, w, jnp.asarray(jnp.inf, dtype), residual, lam)
-    i, v, _, change, residual, lam = jax.lax.while_loop(cond, body, carry)
+    i, v, _, change, residual, lam = _flow.while_loop(op, cond, body, carry)
     vectors = jax.tree.map(lambda x: x[None].astype(store), v)
     return EighResult(attach(lam[None], vectors), op.to_struct(vectors),
                       residual[None], ok(change, residual, lam)[None], i)
@@ -339,6 +348,7 @@ def power_iteration(
     max_iters: int = 100,
     rtol: float = 1e-4,
     like: PyTree = None,
+    progress: bool = False,
 ) -> EighResult:
     """Computes the eigenpair of largest |λ| by power iteration: v ← A v / ‖A v‖.
 
@@ -357,6 +367,10 @@ def power_iteration(
         rtol: The relative tolerance on λ's change and on the residual.
         like: A pytree of arrays or `jax.ShapeDtypeStruct` with the structure of v; needed for
             a plain callable `op`.
+
+        progress: Over a `jhvp.StreamedOperator` (data streamed from the host), show a tqdm
+            bar over matvecs × batches (tqdm: the `progress` extra). Ignored on the device,
+            where the algorithm is one compiled program.
 
     Returns:
         An `EighResult` with k = 1 (leading axes of size 1) and `num_matvecs` = applications
@@ -379,4 +393,5 @@ def power_iteration(
     _checks.check_key(key, api)
     max_iters = _checks.check_int(max_iters, "max_iters", api)
     rtol = _checks.check_positive(rtol, "rtol", api, optional=False)
-    return _protocol.run(_power_impl, op, struct, key, api=api, max_iters=max_iters, rtol=rtol)
+    return _protocol.run(_power_impl, op, struct, key, api=api, progress=progress,
+                         budget=max_iters, max_iters=max_iters, rtol=rtol)

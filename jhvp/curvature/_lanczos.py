@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from .. import _protocol
 from .._typing import PyTree
-from . import _checks
+from . import _checks, _flow
 from . import _vectors as vec
 
 REORTHO = ("full", "partial", "none")
@@ -293,9 +293,9 @@ def run(
 
     if fixed:
         assert stop is None and restart_key is None
-        return jax.lax.fori_loop(0, num_matvecs, lambda _, state: body(state),
-                                 init(op, v0, num_matvecs))
-    return jax.lax.while_loop(cond, body, init(op, v0, num_matvecs))
+        return _flow.fori_loop(op, 0, num_matvecs, lambda _, state: body(state),
+                               init(op, v0, num_matvecs))
+    return _flow.while_loop(op, cond, body, init(op, v0, num_matvecs))
 
 
 def _impl(op, v0, *, num_matvecs, reortho):
@@ -304,7 +304,8 @@ def _impl(op, v0, *, num_matvecs, reortho):
     return LanczosResult(op.to_struct(out.basis), out.alphas, out.betas, out.steps)
 
 
-def lanczos(op: Any, v0: PyTree, num_matvecs: int, *, reortho: str = "full") -> LanczosResult:
+def lanczos(op: Any, v0: PyTree, num_matvecs: int, *, reortho: str = "full",
+            progress: bool = False) -> LanczosResult:
     """Runs m = num_matvecs Lanczos steps: A Q = Q T + β q_m e_mᵀ with Q orthonormal.
 
     The Lanczos iteration (Lanczos 1950) builds an orthonormal basis Q of the Krylov space
@@ -340,6 +341,10 @@ def lanczos(op: Any, v0: PyTree, num_matvecs: int, *, reortho: str = "full") -> 
             to about √ε, cheaper) or "none" (the plain recurrence: cheapest, loses
             orthogonality).
 
+        progress: Over a `jhvp.StreamedOperator` (data streamed from the host), show a tqdm
+            bar over matvecs × batches (tqdm: the `progress` extra). Ignored on the device,
+            where the algorithm is one compiled program.
+
     Returns:
         A `LanczosResult(basis, alphas, betas, num_matvecs)`.
 
@@ -365,7 +370,8 @@ def lanczos(op: Any, v0: PyTree, num_matvecs: int, *, reortho: str = "full") -> 
     )
     _checks.check_choice(reortho, REORTHO, "`reortho`", api)
     return _protocol.run(
-        _impl, op, struct, v0, api=api, name="v0", num_matvecs=num_matvecs, reortho=reortho
+        _impl, op, struct, v0, api=api, progress=progress, budget=num_matvecs, name="v0",
+        num_matvecs=num_matvecs, reortho=reortho,
     )
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from .._protocol import TreeOperator
 from .._typing import PyTree
-from . import _lanczos
+from . import _flow, _lanczos
 from . import _vectors as vec
 
 DEFAULT_BATCH = 4
@@ -40,7 +40,8 @@ def chunking(num: int, batch_size: int) -> tuple[int, int]:
 
 
 def map_probes(
-    fn: Callable[[jax.Array], PyTree], num: int, batch_size: int | None, *, start: int = 0
+    op: TreeOperator, fn: Callable[[jax.Array], PyTree], num: int, batch_size: int | None, *,
+    start: int = 0,
 ) -> PyTree:
     """Returns fn(i) for i in start, ..., start + num - 1, stacked along a leading axis of num.
 
@@ -48,8 +49,14 @@ def map_probes(
     products); `batch_size=b` runs a loop over equal chunks of at most b (`chunking`), each
     chunk vmapped, bounding memory to b probes in flight (b = 1: `jax.lax.map`, no batch
     axis). Each chunk is written into the stack in place (no reshape or concatenation of the
-    stack, either of which XLA may lay out by gathering a sharded stack).
+    stack, either of which XLA may lay out by gathering a sharded stack). Over a streamed `op`
+    the chunks run from a Python loop (`_flow.map_chunks`).
     """
+    if op.streamed is not None:
+        size = num if batch_size is None else min(batch_size, num)
+        if 1 < size < num:
+            size = chunking(num, size)[1]
+        return _flow.map_chunks(op, fn, start, num, size)
     if batch_size is None or batch_size >= num:
         return jax.vmap(fn)(jnp.arange(start, start + num, dtype=jnp.int32))
     if batch_size == 1:  # one at a time: no batch axis for XLA to carry through the loop
@@ -101,7 +108,7 @@ def sketch(op: TreeOperator, key: jax.Array, num: int, batch_size: int | None):
         w = vec.rademacher(op, key, i)
         return vec.astype(w, dtype), vec.astype(op.matvec(w), dtype)
 
-    return map_probes(probe, num, batch_size)
+    return map_probes(op, probe, num, batch_size)
 
 
 def apply_rows(op: TreeOperator, rows: PyTree, batch_size: int | None,
@@ -119,7 +126,7 @@ def apply_rows(op: TreeOperator, rows: PyTree, batch_size: int | None,
         product = vec.astype(op.matvec(vec.astype(r, op.dtype)), first.dtype)
         return product if reduce is None else reduce(i, r, product)
 
-    return map_probes(one, first.shape[0], batch_size)
+    return map_probes(op, one, first.shape[0], batch_size)
 
 
 def _qr(y: PyTree) -> tuple[PyTree, jax.Array]:

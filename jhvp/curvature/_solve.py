@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from .. import _protocol
 from .._typing import PyTree
-from . import _checks
+from . import _checks, _flow
 from . import _vectors as vec
 
 NegativeCurvature = Literal["ignore", "stop"]
@@ -36,7 +36,7 @@ class SolveResult(NamedTuple):
     """Whether some search direction p had pᵀ(A + λI)p ≤ 0 (the operator is not positive)."""
 
 
-def _cg(matvec, rhs, x0, tols, *, max_steps, stop, has_x0):
+def _cg(op, matvec, rhs, x0, tols, *, max_steps, stop, has_x0):
     """CG (Hestenes & Stiefel 1952) with Steihaug's (1983) stop on pᵀAp ≤ 0.
 
     Stops when ‖r‖ ≤ max(rtol‖rhs‖, atol), after max_steps iterations, or (stop=True) at the
@@ -77,7 +77,7 @@ def _cg(matvec, rhs, x0, tols, *, max_steps, stop, has_x0):
         return k + 1, x_new, r_new, p_cg, rs_new, negative | curved, halted
 
     state = (jnp.zeros((), jnp.int32), x0, r0, r0, rs0, jnp.zeros((), bool), jnp.zeros((), bool))
-    k, x, _, _, rs, negative, _ = jax.lax.while_loop(cond, body, state)
+    k, x, _, _, rs, negative, _ = _flow.while_loop(op, cond, body, state)
     norm = jnp.sqrt(rs)
     return x, (k, norm, norm <= bound, negative)
 
@@ -96,7 +96,11 @@ def _solve_impl(op, b, x0, damping, rtol, atol, *, max_steps, stop):
     tols = (jnp.asarray(rtol, dtype), jnp.asarray(atol, dtype))
 
     def cg(mv, r):
-        return _cg(mv, r, start, tols, max_steps=steps, stop=stop, has_x0=has_x0)
+        return _cg(op, mv, r, start, tols, max_steps=steps, stop=stop, has_x0=has_x0)
+
+    if op.streamed is not None:  # data on the host: CG from a Python loop, no derivatives
+        x, (k, norm, converged, negative) = cg(matvec, rhs)
+        return SolveResult(op.to_struct(x), k, norm, converged, negative)
 
     # Implicit differentiation: d x = (A + λI)⁻¹ d b, one more (symmetric) solve per tangent.
     x, (k, norm, converged, negative) = jax.lax.custom_linear_solve(
@@ -115,6 +119,7 @@ def solve(
     max_steps: int | None = None,
     x0: PyTree | None = None,
     negative_curvature: NegativeCurvature = "ignore",
+    progress: bool = False,
 ) -> SolveResult:
     """Solves (A + λI) x = b by conjugate gradients, λ = `damping`.
 
@@ -143,6 +148,10 @@ def solve(
         max_steps: The most CG iterations; None means 10·n.
         x0: An initial guess with b's structure (None: zeros). Costs one extra matvec.
         negative_curvature: "ignore" or "stop" (Steihaug's rule), see above.
+
+        progress: Over a `jhvp.StreamedOperator` (data streamed from the host), show a tqdm
+            bar over matvecs × batches (tqdm: the `progress` extra). Ignored on the device,
+            where the algorithm is one compiled program.
 
     Returns:
         A `SolveResult` (x, num_steps, residual_norm, converged, negative_curvature).
@@ -175,6 +184,7 @@ def solve(
     if x0 is not None:
         x0 = _checks.check_vector(_protocol.gradient_form(op, x0), struct, "x0", api)
     return _protocol.run(
-        _solve_impl, op, struct, b, x0, damping, rtol, atol, api=api, name=name,
+        _solve_impl, op, struct, b, x0, damping, rtol, atol, api=api, progress=progress,
+        budget=steps, name=name,
         max_steps=steps, stop=negative_curvature == "stop",
     )

@@ -40,7 +40,7 @@ def _hutchinson(op, key, m, batch_size):
         v = vec.rademacher(op, key, i)
         return vec.dot(vec.astype(v, dtype), op.matvec(v), dtype)
 
-    return _sketch.mean_stderr(_sketch.map_probes(sample, m, batch_size))
+    return _sketch.mean_stderr(_sketch.map_probes(op, sample, m, batch_size))
 
 
 def _hutchpp(op, key, m, batch_size):
@@ -63,7 +63,7 @@ def _hutchpp(op, key, m, batch_size):
         return vec.dot(vec.astype(w, dtype), op.matvec(w), dtype)
 
     # Probes k..2k-1: independent of the sketch's probes 0..k-1.
-    estimate, stderr = _sketch.mean_stderr(_sketch.map_probes(residual, k, batch_size, start=k))
+    estimate, stderr = _sketch.mean_stderr(_sketch.map_probes(op, residual, k, batch_size, start=k))
     return low + estimate, stderr
 
 
@@ -157,6 +157,7 @@ def trace(
     method: TraceMethod = "hutch++",
     batch_size: int | None = _sketch.DEFAULT_BATCH,
     like: PyTree | None = None,
+    progress: bool = False,
 ) -> TraceResult:
     """Estimates tr(A) from `num_matvecs` products with Rademacher probes.
 
@@ -220,6 +221,10 @@ def trace(
         like: A pytree of arrays or `jax.ShapeDtypeStruct` with the structure of v; required
             for a plain callable, else defaults to `op.in_structure()`.
 
+        progress: Over a `jhvp.StreamedOperator` (data streamed from the host), show a tqdm
+            bar over matvecs × batches (tqdm: the `progress` extra). Ignored on the device,
+            where the algorithm is one compiled program.
+
     Returns:
         A `TraceResult` (estimate, stderr, num_matvecs).
 
@@ -254,7 +259,8 @@ def trace(
     _checks.check_key(key, api)
     _checks.check_dimension(m, _protocol.size(struct), "jnp.trace(op.as_matrix())", api)
     estimate, stderr = _protocol.run(
-        _trace_impl, op, struct, key, api=api, method=method, num_matvecs=m,
+        _trace_impl, op, struct, key, api=api, progress=progress, budget=m, method=method,
+        num_matvecs=m,
         batch_size=batch_size,
     )
     return TraceResult(estimate, stderr, m)
