@@ -9,6 +9,7 @@ Examples:
     python -m bench --cases eqx-mlp-85k          # an Equinox module against eqx.partition by hand
     python -m bench --suite curvature            # eigenvalues, traces, densities vs PyHessian...
     python -m bench --suite curvature --memory   # their memory per device, 1 and 8 devices
+    python -m bench --suite curvature-data       # the same over a dataset (N = 4096, 8 batches)
     python -m bench.report DIR [DIR ...]         # re-render (and merge) saved runs
 """
 
@@ -37,7 +38,7 @@ def parse(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the small suite (README's main job)")
     ap.add_argument("--suite", choices=["quick", "full", "tiny", "batch", "curvature",
-                                        "curvature-tiny"], default=None,
+                                        "curvature-tiny", "curvature-data"], default=None,
                     help="case suite (default: full, or quick with --quick); curvature: "
                          "eigenvalues, traces and densities against PyHessian, matfree, scipy")
     ap.add_argument("--out", default=os.path.join("bench", "results"), help="output directory")
@@ -194,6 +195,10 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
+    if args.suite == "curvature-data":  # the full-dataset case (N = 4096 in 8 batches)
+        from . import curvature_data
+
+        return curvature_data.main(args, header(args))
     if args.suite.startswith("curvature"):
         if args.memory:
             # Per-device working memory of each algorithm on an FSDP-sharded model, 1 and 8

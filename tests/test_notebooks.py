@@ -18,7 +18,7 @@ def test_there_are_notebooks():
     names = [os.path.basename(p) for p in NOTEBOOKS]
     assert names == [
         "01_quickstart.ipynb", "02_from_pytorch.ipynb", "03_newton_cg.ipynb", "04_curvature.ipynb",
-        "05_hessian_free.ipynb",
+        "05_hessian_free.ipynb", "06_dataset_curvature.ipynb",
     ]
 
 

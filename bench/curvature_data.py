@@ -1,0 +1,235 @@
+"""`python -m bench --suite curvature-data`: curvature of a loss over a whole dataset.
+
+The cross-entropy MLP (~85k parameters; ~1.8M for the application alone) over N = 4096
+examples in 8 batches of 512: one H·v of the full-dataset Hessian, its top eigenvalue and its
+trace, by jhvp on the device (`jhvp.batches`) and streamed (a list of NumPy batches), by
+PyHessian's dataloader mode on the torch twin (same weights, same batches) and by curvlinops'
+`HessianLinearOperator` over the same list of batches (matvec; `scipy.sparse.linalg.eigsh` on
+its scipy view; its `hutchinson_trace`). Warm times are medians over interleaved rounds (each
+method once per round, after one untimed call); errors are against a float64 host Lanczos on the
+full-dataset operator (eigenvalue) and a 600-matvec Hutch++ (trace; its standard error given).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+
+from . import cases as C
+from . import curvature_methods as CM
+
+N, BATCH = 4096, 512
+TRACE_MATVECS = 99
+SIZES = {"85k": (64, 256, 256, 10), "1.8M": (512, 1024, 1024, 256)}
+
+
+def _problem(label: str, n: int, dtype):
+    case = C.mlp_ce(SIZES[label], n, dtype, label)
+    return case
+
+
+def _jax_side(case, batch: int):
+    import jax
+    import jax.numpy as jnp
+
+    import jhvp
+
+    params = {k: jnp.asarray(a) for k, a in case.params.items()}
+    x, labels = case.data
+    device = jhvp.hessian_operator(case.loss_jax, (params,),
+                                   data=jhvp.batches(jnp.asarray(x), jnp.asarray(labels),
+                                                     batch_size=batch))
+    loader = [(x[i:i + batch], labels[i:i + batch]) for i in range(0, x.shape[0], batch)]
+    streamed = jhvp.hessian_operator(case.loss_jax, (params,), data=loader)
+    v = jax.tree.map(lambda a: jnp.asarray(np.random.default_rng(0).standard_normal(a.shape),
+                                           a.dtype), params)
+    apply = jax.jit(lambda op, v: op @ v)
+    hvp = jax.jit(lambda p, xb, yb, v: jhvp.hvp(case.loss_jax, (p, xb, yb), v))
+    on_device = [(jnp.asarray(xb), jnp.asarray(yb)) for xb, yb in loader]
+
+    def sum_of_batches():
+        out = [hvp(params, xb, yb, v) for xb, yb in on_device]
+        return jax.block_until_ready(out)
+
+    return {"device": device, "streamed": streamed, "v": v, "params": params,
+            "loader": loader, "apply": lambda: jax.block_until_ready(apply(device, v)),
+            "apply_streamed": lambda: jax.block_until_ready(streamed @ v),
+            "sum_of_batches": sum_of_batches}
+
+
+def _torch_side(case, dtype: str, batch: int):
+    import torch
+
+    model, criterion, (x, labels) = CM.torch_twin(case, dtype)
+    loader = [(x[i:i + batch], labels[i:i + batch]) for i in range(0, x.shape[0], batch)]
+    return model, criterion, loader, torch
+
+
+def _pyhessian(model, criterion, loader):
+    import warnings
+
+    import pyhessian
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return pyhessian.hessian(model, criterion, dataloader=loader, cuda=False)
+
+
+def _curvlinops(model, criterion, loader):
+    from curvlinops import HessianLinearOperator
+
+    return HessianLinearOperator(model, criterion, list(model.parameters()), loader,
+                                 check_deterministic=False)
+
+
+def _timed(methods: dict, rounds: int) -> dict:
+    """Median seconds per method over interleaved rounds, after one untimed call each."""
+    out = {name: fn() for name, fn in methods.items()}  # warm-up (compiles), and the answers
+    times = {name: [] for name in methods}
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "answer": out[name]}
+            for name, t in times.items()}
+
+
+def _applications(label: str, dtype, rounds: int, with_torch: bool) -> list[dict]:
+    case = _problem(label, N, dtype)
+    j = _jax_side(case, BATCH)
+    methods = {"jhvp_batches": j["apply"], "jhvp_streamed": j["apply_streamed"],
+               "sum_of_8_hvp": j["sum_of_batches"]}
+    if with_torch:
+        model, criterion, loader, torch = _torch_side(case, np.dtype(dtype).name, BATCH)
+        lin = _curvlinops(model, criterion, loader)
+        h = _pyhessian(model, criterion, loader)
+        vt = torch.randn(sum(p.numel() for p in model.parameters()))
+        vlist = [torch.randn_like(p) for p in model.parameters()]
+        methods["curvlinops_matvec"] = lambda: lin @ vt
+        methods["pyhessian_dataloader_hv"] = lambda: h.dataloader_hv_product(vlist)
+    timed = _timed(methods, rounds)
+    base = timed["sum_of_8_hvp"]["median_s"]
+    return [{"case": f"mlp-ce-{label}", "task": "application", "method": name,
+             "median_s": t["median_s"], "min_s": t["min_s"],
+             "ratio_to_sum_of_batches": t["median_s"] / base} for name, t in timed.items()]
+
+
+def _reference_top(op) -> float:
+    import jhvp
+
+    from .curvature import _host_lanczos
+
+    return float(_host_lanczos(jhvp.to_scipy(op), 120)[0])
+
+
+def _answers(dtype, rounds: int) -> list[dict]:
+    import jax
+    import scipy.sparse.linalg as sla
+
+    import jhvp
+
+    case = _problem("85k", N, dtype)
+    j = _jax_side(case, BATCH)
+    model, criterion, loader, torch = _torch_side(case, np.dtype(dtype).name, BATCH)
+    lin = _curvlinops(model, criterion, loader)
+    h = _pyhessian(model, criterion, loader)
+    key = jax.random.key(0)
+    rtol = 1e-6 if np.dtype(dtype) == np.float64 else 1e-5
+
+    def jhvp_top(op):
+        return lambda: float(jhvp.curvature.eigh(op, key, 1, rtol=rtol).eigenvalues[0])
+
+    def jhvp_trace(op):
+        def run():
+            out = jhvp.curvature.trace(op, key, num_matvecs=TRACE_MATVECS)
+            return float(out.estimate), float(out.stderr)
+        return run
+
+    def pyhessian_top():
+        torch.manual_seed(0)
+        return float(h.eigenvalues(maxIter=200, tol=1e-6, top_n=1)[0][0])
+
+    def pyhessian_trace():
+        torch.manual_seed(0)
+        s = np.asarray(h.trace(maxIter=TRACE_MATVECS, tol=1e-3), np.float64)
+        return float(s.mean()), float(s.std(ddof=1) / np.sqrt(s.size))
+
+    scipy_lin = lin.to_scipy()
+
+    def curvlinops_top():
+        return float(sla.eigsh(scipy_lin, k=1, which="LA", tol=1e-5)[0][0])
+
+    def curvlinops_trace():
+        import curvlinops
+
+        torch.manual_seed(0)
+        return float(curvlinops.hutchinson_trace(lin, TRACE_MATVECS)), float("nan")
+
+    top = _timed({"jhvp_eigh_batches": jhvp_top(j["device"]),
+                  "jhvp_eigh_streamed": jhvp_top(j["streamed"]),
+                  "pyhessian_eigenvalues": pyhessian_top,
+                  "curvlinops_scipy_eigsh": curvlinops_top}, rounds)
+    trace = _timed({"jhvp_trace_batches": jhvp_trace(j["device"]),
+                    "jhvp_trace_streamed": jhvp_trace(j["streamed"]),
+                    "pyhessian_trace": pyhessian_trace,
+                    "curvlinops_hutchinson_trace": curvlinops_trace}, rounds)
+    ref_top = _reference_top(j["device"])
+    ref = jhvp.curvature.trace(j["device"], jax.random.key(99), num_matvecs=600, batch_size=50)
+    ref_trace, ref_err = float(ref.estimate), float(ref.stderr)
+    base_top = top["pyhessian_eigenvalues"]["median_s"]
+    records = [{"case": "mlp-ce-85k", "task": "top eigenvalue", "method": name,
+                "median_s": t["median_s"], "answer": t["answer"],
+                "error": abs(t["answer"] - ref_top) / abs(ref_top),
+                "reference": ref_top, "speedup_vs_pyhessian": base_top / t["median_s"]}
+               for name, t in top.items()]
+    base_trace = trace["pyhessian_trace"]["median_s"]
+    records += [{"case": "mlp-ce-85k", "task": "trace", "method": name,
+                 "median_s": t["median_s"], "answer": t["answer"][0], "stderr": t["answer"][1],
+                 "error": abs(t["answer"][0] - ref_trace) / abs(ref_trace),
+                 "reference": ref_trace, "reference_stderr": ref_err,
+                 "speedup_vs_pyhessian": base_trace / t["median_s"]}
+                for name, t in trace.items()]
+    return records
+
+
+def table(records: list[dict]) -> str:
+    lines = ["| case | task | method | median | ratio / speed-up | answer | rel. error |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in records:
+        ratio = r.get("ratio_to_sum_of_batches", r.get("speedup_vs_pyhessian"))
+        kind = "x sum" if "ratio_to_sum_of_batches" in r else "x PyH"
+        answer = r.get("answer")
+        lines.append(
+            f"| {r['case']} | {r['task']} | {r['method']} | {r['median_s'] * 1e3:.1f} ms | "
+            f"{ratio:.2f} {kind} | {'' if answer is None else f'{answer:.6g}'} | "
+            f"{'' if r.get('error') is None else format(r['error'], '.1e')} |")
+    return "\n".join(lines)
+
+
+def main(args, header: dict) -> int:
+    dtype = np.float64 if args.dtype == "float64" else np.float32
+    rounds = args.rounds or 5
+    torch_ok = CM.available("pyhessian") and CM.available("curvlinops")
+    if not torch_ok:
+        print("note: pyhessian or curvlinops is not installed: the torch methods are left out")
+    records, start = [], time.perf_counter()
+    for label in ("85k", "1.8M"):
+        records += _applications(label, dtype, rounds, torch_ok and label == "85k")
+        print(table(records), flush=True)
+    if torch_ok:
+        records += _answers(dtype, max(1, rounds // 2))
+    header["wall_s"] = round(time.perf_counter() - start, 1)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "curvature_data.json"), "w") as fh:
+        json.dump({"header": header, "records": records}, fh, indent=1, default=str)
+    md = table(records)
+    with open(os.path.join(args.out, "curvature_data.md"), "w") as fh:
+        fh.write(md + "\n")
+    print("\n" + md)
+    print(f"\nwrote {args.out}/curvature_data.json, curvature_data.md in {header['wall_s']} s")
+    return 0
