@@ -86,12 +86,24 @@ def _curvlinops(model, criterion, loader):
                                  check_deterministic=False)
 
 
+def _framework(name: str) -> str:
+    return "torch" if name.startswith(("pyhessian", "curvlinops")) else "jax"
+
+
 def _timed(methods: dict, rounds: int) -> dict:
-    """Median seconds per method over interleaved rounds, after one untimed call each."""
+    """Median seconds per method over interleaved rounds, after one untimed call each.
+
+    Where the framework changes, a pause first: PyTorch's OpenMP threads spin on the cores for
+    a while after its last call, and the next JAX call would pay for it (measured up to 1.2x).
+    """
     out = {name: fn() for name, fn in methods.items()}  # warm-up (compiles), and the answers
     times = {name: [] for name in methods}
+    last = None
     for _ in range(rounds):
         for name, fn in methods.items():
+            if _framework(name) != last:
+                time.sleep(0.5)
+                last = _framework(name)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -104,15 +116,18 @@ def _applications(label: str, dtype, rounds: int, with_torch: bool) -> list[dict
     j = _jax_side(case, BATCH)
     methods = {"jhvp_batches": j["apply"], "jhvp_streamed": j["apply_streamed"],
                "sum_of_8_hvp": j["sum_of_batches"]}
+    # JAX's methods interleaved with each other only: interleaved with PyTorch's, the one-program
+    # application measured up to 1.6x slower than alone (each framework's threads and caches).
+    timed = _timed(methods, rounds)
     if with_torch:
         model, criterion, loader, torch = _torch_side(case, np.dtype(dtype).name, BATCH)
         lin = _curvlinops(model, criterion, loader)
         h = _pyhessian(model, criterion, loader)
         vt = torch.randn(sum(p.numel() for p in model.parameters()))
         vlist = [torch.randn_like(p) for p in model.parameters()]
-        methods["curvlinops_matvec"] = lambda: lin @ vt
-        methods["pyhessian_dataloader_hv"] = lambda: h.dataloader_hv_product(vlist)
-    timed = _timed(methods, rounds)
+        timed.update(_timed({"curvlinops_matvec": lambda: lin @ vt,
+                             "pyhessian_dataloader_hv": lambda: h.dataloader_hv_product(vlist)},
+                            rounds))
     base = timed["sum_of_8_hvp"]["median_s"]
     return [{"case": f"mlp-ce-{label}", "task": "application", "method": name,
              "median_s": t["median_s"], "min_s": t["min_s"],
@@ -140,42 +155,73 @@ def _answers(dtype, rounds: int) -> list[dict]:
     h = _pyhessian(model, criterion, loader)
     key = jax.random.key(0)
     rtol = 1e-6 if np.dtype(dtype) == np.float64 else 1e-5
+    count = {}  # method -> the operator applications its last answer used
 
-    def jhvp_top(op):
-        return lambda: float(jhvp.curvature.eigh(op, key, 1, rtol=rtol).eigenvalues[0])
+    def jhvp_top(name, op):
+        def run():
+            out = jhvp.curvature.eigh(op, key, 1, rtol=rtol)
+            count[name] = int(out.num_matvecs)
+            return float(out.eigenvalues[0])
+        return run
 
-    def jhvp_trace(op):
+    def jhvp_trace(name, op):
         def run():
             out = jhvp.curvature.trace(op, key, num_matvecs=TRACE_MATVECS)
+            count[name] = TRACE_MATVECS
             return float(out.estimate), float(out.stderr)
         return run
 
+    inner = h.dataloader_hv_product
+    calls = [0]
+
+    def counted(v):
+        calls[0] += 1
+        return inner(v)
+
+    h.dataloader_hv_product = counted
+
     def pyhessian_top():
         torch.manual_seed(0)
-        return float(h.eigenvalues(maxIter=200, tol=1e-6, top_n=1)[0][0])
+        calls[0] = 0
+        value = float(h.eigenvalues(maxIter=200, tol=1e-6, top_n=1)[0][0])
+        count["pyhessian_eigenvalues"] = calls[0]
+        return value
 
     def pyhessian_trace():
         torch.manual_seed(0)
+        calls[0] = 0
         s = np.asarray(h.trace(maxIter=TRACE_MATVECS, tol=1e-3), np.float64)
+        count["pyhessian_trace"] = calls[0]
         return float(s.mean()), float(s.std(ddof=1) / np.sqrt(s.size))
 
     scipy_lin = lin.to_scipy()
+    eigsh_calls = [0]
+
+    def scipy_matvec(x):
+        eigsh_calls[0] += 1
+        return scipy_lin.matvec(x)
+
+    counted_lin = sla.LinearOperator(scipy_lin.shape, matvec=scipy_matvec, dtype=scipy_lin.dtype)
 
     def curvlinops_top():
-        return float(sla.eigsh(scipy_lin, k=1, which="LA", tol=1e-5)[0][0])
+        eigsh_calls[0] = 0
+        value = float(sla.eigsh(counted_lin, k=1, which="LA", tol=1e-5)[0][0])
+        count["curvlinops_scipy_eigsh"] = eigsh_calls[0]
+        return value
 
     def curvlinops_trace():
         import curvlinops
 
         torch.manual_seed(0)
+        count["curvlinops_hutchinson_trace"] = TRACE_MATVECS
         return float(curvlinops.hutchinson_trace(lin, TRACE_MATVECS)), float("nan")
 
-    top = _timed({"jhvp_eigh_batches": jhvp_top(j["device"]),
-                  "jhvp_eigh_streamed": jhvp_top(j["streamed"]),
+    top = _timed({"jhvp_eigh_batches": jhvp_top("jhvp_eigh_batches", j["device"]),
+                  "jhvp_eigh_streamed": jhvp_top("jhvp_eigh_streamed", j["streamed"]),
                   "pyhessian_eigenvalues": pyhessian_top,
                   "curvlinops_scipy_eigsh": curvlinops_top}, rounds)
-    trace = _timed({"jhvp_trace_batches": jhvp_trace(j["device"]),
-                    "jhvp_trace_streamed": jhvp_trace(j["streamed"]),
+    trace = _timed({"jhvp_trace_batches": jhvp_trace("jhvp_trace_batches", j["device"]),
+                    "jhvp_trace_streamed": jhvp_trace("jhvp_trace_streamed", j["streamed"]),
                     "pyhessian_trace": pyhessian_trace,
                     "curvlinops_hutchinson_trace": curvlinops_trace}, rounds)
     ref_top = _reference_top(j["device"])
@@ -185,21 +231,23 @@ def _answers(dtype, rounds: int) -> list[dict]:
     records = [{"case": "mlp-ce-85k", "task": "top eigenvalue", "method": name,
                 "median_s": t["median_s"], "answer": t["answer"],
                 "error": abs(t["answer"] - ref_top) / abs(ref_top),
-                "reference": ref_top, "speedup_vs_pyhessian": base_top / t["median_s"]}
+                "reference": ref_top, "speedup_vs_pyhessian": base_top / t["median_s"],
+                "num_matvecs": count.get(name)}
                for name, t in top.items()]
     base_trace = trace["pyhessian_trace"]["median_s"]
     records += [{"case": "mlp-ce-85k", "task": "trace", "method": name,
                  "median_s": t["median_s"], "answer": t["answer"][0], "stderr": t["answer"][1],
                  "error": abs(t["answer"][0] - ref_trace) / abs(ref_trace),
                  "reference": ref_trace, "reference_stderr": ref_err,
-                 "speedup_vs_pyhessian": base_trace / t["median_s"]}
+                 "speedup_vs_pyhessian": base_trace / t["median_s"],
+                 "num_matvecs": count.get(name)}
                 for name, t in trace.items()]
     return records
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| case | task | method | median | ratio / speed-up | answer | rel. error |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| case | task | method | median | ratio / speed-up | answer | rel. error | H·v |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in records:
         ratio = r.get("ratio_to_sum_of_batches", r.get("speedup_vs_pyhessian"))
         kind = "x sum" if "ratio_to_sum_of_batches" in r else "x PyH"
@@ -207,7 +255,8 @@ def table(records: list[dict]) -> str:
         lines.append(
             f"| {r['case']} | {r['task']} | {r['method']} | {r['median_s'] * 1e3:.1f} ms | "
             f"{ratio:.2f} {kind} | {'' if answer is None else f'{answer:.6g}'} | "
-            f"{'' if r.get('error') is None else format(r['error'], '.1e')} |")
+            f"{'' if r.get('error') is None else format(r['error'], '.1e')} | "
+            f"{r.get('num_matvecs') or ''} |")
     return "\n".join(lines)
 
 

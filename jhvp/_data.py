@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import _ad, _cache, _checks, _filter, _protocol
+from . import _ad, _cache, _checks, _filter, _protocol, _select
 from ._protocol import SymmetricOperator, TangentLayout
 from ._typing import PyTree
 
@@ -441,20 +441,36 @@ class StreamedOperator(SymmetricOperator):
         return it
 
     def _size(self, batch: Any, i: int) -> int:
+        """The batch's n_b, after checking that it holds arrays of examples."""
+        name = f"jhvp.{self._api}"
+        with_path = jax.tree_util.tree_flatten_with_path(batch)[0]
+        for path, leaf in with_path:
+            if not _filter.is_array(leaf):
+                kind = f"{type(leaf).__module__}.{type(leaf).__name__}"
+                raise TypeError(
+                    f"{name}: batch {i}{jax.tree_util.keystr(path)} is a {kind}; batches must "
+                    "hold NumPy or JAX arrays (from a torch DataLoader, convert them with "
+                    "`.numpy()`, e.g. in its collate_fn)."
+                )
         if self._batch_size_fn is not None:
             return int(self._batch_size_fn(batch))
-        leaves = jax.tree.leaves(batch)
-        if not leaves or not _filter.is_array(leaves[0]) or np.ndim(leaves[0]) == 0:
-            shape = np.shape(leaves[0]) if leaves else None
+        sizes = [(jax.tree_util.keystr(p), np.shape(x)[0] if np.ndim(x) else None)
+                 for p, x in with_path]
+        if not sizes or any(n is None or n != sizes[0][1] for _, n in sizes):
+            listed = ", ".join(f"batch{p}: {'no axis' if n is None else n}" for p, n in sizes)
             raise ValueError(
-                f"jhvp.{self._api}: batch {i}'s first leaf has no leading (examples) axis "
-                f"(shape {shape}); batches must hold arrays of examples, or pass "
-                "`batch_size_fn=` to say how many examples a batch holds."
+                f"{name}: batch {i}'s arrays do not share a leading (examples) axis ({listed}). "
+                "Each batch holds its examples along the leading axis of every array (the "
+                "items of list(zip(x, y)) are single examples: batch them, or pass "
+                "data=jhvp.batches(x, y, batch_size=B)); or pass `batch_size_fn=`."
             )
-        return int(np.shape(leaves[0])[0])
+        return int(sizes[0][1])
 
     def __call__(self, tangents: PyTree) -> PyTree:
-        """Returns Σ_b w_b C_b·tangents, in the gradient's structure."""
+        """Returns Σ_b w_b C_b·tangents, in the gradient's structure (an nnx.State for one)."""
+        if _select.is_state(tangents):
+            out = self(_protocol.gradient_form(self, tangents))
+            return _select.to_state(out, tangents, self._tangent_layout.state_paths)
         tangents = _protocol.gradient_form(self, tangents)
         if Capture.active:
             capture = Capture.active[-1]
@@ -541,7 +557,9 @@ def operator(kind: str, api: str, fns: tuple, loss_args: tuple, primals: tuple, 
         op = _protocol.placed(_cache.run(opts, problem, (*primals, data.arrays), _device_body,
                                          shardings=True))
     else:
-        if _filter.is_array(data) or isinstance(data, dict) or not isinstance(data, Iterable):
+        arrays = isinstance(data, tuple) and data and all(_filter.is_array(a) for a in data)
+        if (_filter.is_array(data) or isinstance(data, dict) or arrays
+                or not isinstance(data, Iterable)):
             raise TypeError(
                 f"{name}: `data` must be jhvp.batches(...) (arrays on the device) or a "
                 f"re-iterable of batches (a list of tuples, a data loader), got "
@@ -579,10 +597,13 @@ def _check_deterministic(op: Any, name: str) -> None:
         )
 
 
-def check_options(data: Any, api: str, *, reduction: str, batch_size_fn: Any,
+def check_options(data: Any, api: str, primals: tuple, *, reduction: str, batch_size_fn: Any,
                   check_deterministic: bool, has_aux: bool = False) -> None:
     """Raises for the dataset options given without `data`, and for has_aux with it."""
     name = f"jhvp.{api}"
+    if any(isinstance(p, Batches) for p in primals):
+        raise TypeError(f"{name}: a jhvp.batches(...) dataset is among the primals; pass it "
+                        "as `data=` (the batches are then appended to the arguments).")
     if data is None:
         given = [k for k, v in (("reduction", reduction != "mean"),
                                 ("batch_size_fn", batch_size_fn is not None),

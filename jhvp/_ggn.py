@@ -281,7 +281,7 @@ def ggn_operator(
             f"jhvp.{api}: `loss_args` must be a tuple (or list) of loss's extra positional "
             f"arguments, got {type(loss_args).__name__}. For one target y, pass `loss_args=(y,)`."
         )
-    _data.check_options(data, api, reduction=reduction, batch_size_fn=batch_size_fn,
+    _data.check_options(data, api, primals, reduction=reduction, batch_size_fn=batch_size_fn,
                         check_deterministic=check_deterministic)
     if data is not None:
         return _data.operator("ggn", api, (model, loss), tuple(loss_args), primals, argnums,
@@ -354,7 +354,7 @@ def empirical_fisher_operator(
     api = "empirical_fisher_operator"
     per_example_loss = _callable(per_example_loss, "per_example_loss", f"jhvp.{api}")
     primals = _checks.check_primals(primals, f"jhvp.{api}")
-    _data.check_options(data, api, reduction=reduction, batch_size_fn=batch_size_fn,
+    _data.check_options(data, api, primals, reduction=reduction, batch_size_fn=batch_size_fn,
                         check_deterministic=check_deterministic)
     if data is not None:
         return _data.operator("fisher", api, (per_example_loss,), (), primals, argnums, wrt,

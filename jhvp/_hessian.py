@@ -149,6 +149,9 @@ def hessian_operator(
             any re-iterable of batches (a list of tuples, a data loader) is streamed (a
             `jhvp.StreamedOperator`). Each application recomputes every batch's
             forward-over-reverse pass: memory is one batch's, whatever N. See `jhvp.batches`.
+            A loss that couples a batch's examples (BatchNorm in training mode) is taken batch
+            by batch, each with its own statistics: Σ_b w_b ∇²f_b depends on the batching and
+            is not the Hessian of one pass over all N (in eval mode it is).
         reduction: "mean" (default) or "sum", with `data` only.
         batch_size_fn: batch -> its number of examples, for streamed batches whose first leaf
             does not have the examples along its leading axis (a dict batch); `data` only.
@@ -178,7 +181,7 @@ def hessian_operator(
     api = "hessian_operator"
     primals = _checks.check_primals(primals, f"jhvp.{api}")
     _checks.check_choice(strategy, STRATEGIES, "strategy", f"jhvp.{api}", plural="strategies")
-    _data.check_options(data, api, reduction=reduction, batch_size_fn=batch_size_fn,
+    _data.check_options(data, api, primals, reduction=reduction, batch_size_fn=batch_size_fn,
                         check_deterministic=check_deterministic, has_aux=has_aux)
     if data is not None:
         _checks.check_callable(f, f"jhvp.{api}")

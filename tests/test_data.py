@@ -254,7 +254,14 @@ LOSS = mlp_loss
     ([], ValueError, r"holds no batches \(an empty dataset\)"),
     ([(X[:5], Y[:5]), {"x": X[5:10], "y": Y[5:10]}], ValueError,
      r"batch 1 has the structure .* every batch must have the same structure"),
-    ([(np.float32(1.0), Y[:5])], ValueError, r"batch 0's first leaf has no leading"),
+    ([(np.float32(1.0), Y[:5])], ValueError,
+     r"batch 0's arrays do not share a leading \(examples\) axis \(batch\[0\]: no axis, "
+     r"batch\[1\]: 5\)"),
+    (list(zip(np.asarray(X), np.asarray(Y))), ValueError,
+     r"batch 0's arrays do not share .* list\(zip\(x, y\)\) are single examples"),
+    ([(X[:5], [1.0] * 5)], TypeError, r"batch 0\[1\]\[0\] is a builtins.float; batches must "
+     r"hold NumPy or JAX arrays \(from a torch DataLoader"),
+    ((X, Y), TypeError, r"must be jhvp.batches\(...\) .* got tuple"),
     (X, TypeError, r"must be jhvp.batches\(...\) .* got ArrayImpl"),
 ])
 def test_bad_streamed_data_is_rejected_with_the_reason(data, error, message):
@@ -283,6 +290,8 @@ def test_bad_streamed_data_is_rejected_with_the_reason(data, error, message):
     (lambda: jhvp.hessian_operator(LOSS, (PARAMS,), argnums=1,
                                    data=jhvp.batches(X, Y, batch_size=4)), ValueError,
      r"argnums=1 is out of range"),
+    (lambda: jhvp.hessian_operator(LOSS, (PARAMS, jhvp.batches(X, Y, batch_size=4))),
+     TypeError, r"jhvp.batches\(...\) dataset is among the primals; pass it as `data=`"),
     (lambda: jhvp.hessian_operator(LOSS, (PARAMS,), data=jhvp.batches(X, Y, batch_size=4),
                                    batch_size_fn=len), TypeError,
      r"`batch_size_fn` is for streamed batches"),
@@ -325,6 +334,24 @@ def test_data_that_changes_between_passes_is_an_error():
     op = jhvp.hessian_operator(LOSS, (PARAMS,), data=Dropping())
     with pytest.raises(RuntimeError, match=r"other batches than when the operator was built"):
         op @ PARAMS
+
+
+def test_nnx_state_vectors_give_nnx_state_products_in_both_forms():
+    nnx = pytest.importorskip("flax.nnx")
+    net = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    x, y = rand(300, (12, 3)), rand(301, (12, 2))
+
+    def loss(m, x, y):
+        return jnp.mean((m(x) - y) ** 2)
+
+    state = nnx.state(net, nnx.Param)
+    one = jhvp.hessian_operator(loss, (net, x, y))
+    want = one @ state
+    for data in (jhvp.batches(x, y, batch_size=5), _streamed(x, y, 5)):
+        op = jhvp.hessian_operator(loss, (net,), data=data)
+        got = op @ state
+        assert isinstance(got, nnx.State)
+        assert_rounding_close(jax.tree.leaves(got), jax.tree.leaves(want), steps=3)
 
 
 def test_a_streamed_operator_is_not_a_jit_argument():

@@ -7,7 +7,8 @@ For a `jhvp.StreamedOperator` (data on the host, read batch by batch) the algori
 outside `jax.jit` and each loop runs in Python: its body, which applies the operator once, is
 split at that application into two compiled halves, the part that computes the vector to apply
 (traced with the operator recording its argument) and the part that consumes the product
-(traced with the operator returning it), each compiled once per call, not per step or batch;
+(traced with the operator returning it), each traced once per call and compiled once per process
+(programs are shared by equal traces), never per step or batch;
 between them the operator's own Python loop over the batches applies it. A body that applies it
 other than exactly once at its top level (inside a `jax.vmap` of its own, or in a nested loop)
 runs eagerly instead, its nested loops again through here.
@@ -32,13 +33,47 @@ def _stream(op: Any) -> Any:
     return getattr(op, "streamed", None)
 
 
+class _Compiled:
+    """A function traced once (`jax.make_jaxpr`), run by a program shared by equal traces.
+
+    The halves of a step are traced once per call and compiled once per process for equal
+    jaxprs (a new call of an algorithm brings new closures, not a new program). The closed-over
+    arrays (the jaxpr's constants) are arguments of the program, never baked in.
+    """
+
+    def __init__(self, fn: Callable, args: tuple):
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+        self.consts, self.out_tree = list(closed.consts), jax.tree.structure(out_shape)
+        self.out_shape = out_shape
+        key = (str(closed.jaxpr), self.out_tree)
+        run = _PROGRAMS.get(key)
+        if run is None:
+            jaxpr = closed.jaxpr
+
+            def evaluate(consts, leaves):
+                return jax.core.eval_jaxpr(jaxpr, consts, *leaves)
+
+            run = jax.jit(evaluate)
+            if len(_PROGRAMS) >= _MAX_PROGRAMS:
+                _PROGRAMS.pop(next(iter(_PROGRAMS)))
+            _PROGRAMS[key] = run
+        self.run = run
+
+    def __call__(self, *args: Any) -> Any:
+        return self.out_tree.unflatten(self.run(self.consts, jax.tree.leaves(args)))
+
+
+_PROGRAMS: dict = {}  # str(jaxpr), output structure -> its jitted evaluator
+_MAX_PROGRAMS = 256
+
+
 class _Step:
     """A loop body over a streamed operator, split at its one application (or run eagerly)."""
 
     def __init__(self, stream: Any, body: Callable):
         self.stream, self.body = stream, body
         self.split: bool | None = None  # None: not yet tried
-        self._batched: dict = {}
+        self.halves: dict = {}  # batch size (None: unbatched) -> (pre, post) `_Compiled`
 
         def pre(*args):
             traces[0] += 1
@@ -55,35 +90,41 @@ class _Step:
                 return body(*args)
 
         self.pre, self.post = pre, post
-        self.jit_pre, self.jit_post = jax.jit(pre), jax.jit(post)
 
-    def __call__(self, *args: Any) -> Any:
-        if self.split is not False:
+    def _halves(self, size: int | None, args: tuple) -> tuple | None:
+        """The compiled halves for this batch size, traced on first use; None if unsplittable."""
+        if self.split is False:
+            return None
+        if size not in self.halves:
+            pre = self.pre if size is None else jax.vmap(self.pre)
+            post = self.post if size is None else jax.vmap(self.post)
             try:
-                vector = self.jit_pre(*args)
-                self.split = True
+                first = _Compiled(pre, args)
+                # A·v has v's shapes and the operator's dtypes.
+                product = jax.tree.map(lambda v, g: jax.ShapeDtypeStruct(v.shape, g.dtype),
+                                       first.out_shape, self.stream.grad)
+                second = _Compiled(post, (product, *args))
             except Unsplittable:
                 self.split = False
-            else:
-                return self.jit_post(self.stream(vector), *args)
-        return self.body(*args)
+                return None
+            self.split = True
+            self.halves[size] = (first, second)
+        return self.halves[size]
+
+    def __call__(self, *args: Any) -> Any:
+        halves = self._halves(None, args)
+        if halves is None:
+            return self.body(*args)
+        pre, post = halves
+        return post(self.stream(pre(*args)), *args)
 
     def batched(self, xs: jax.Array) -> Any:
         """The body vmapped over xs (a chunk of probe indices): one product of a stack."""
-        if self.split is not False:
-            size = int(xs.shape[0])
-            if size not in self._batched:
-                self._batched[size] = (jax.jit(jax.vmap(self.pre)),
-                                       jax.jit(jax.vmap(self.post)))
-            pre, post = self._batched[size]
-            try:
-                vectors = pre(xs)
-                self.split = True
-            except Unsplittable:
-                self.split = False
-            else:
-                return post(jax.vmap(self.stream)(vectors), xs)
-        return jax.vmap(self.body)(xs)
+        halves = self._halves(int(xs.shape[0]), (xs,))
+        if halves is None:
+            return jax.vmap(self.body)(xs)
+        pre, post = halves
+        return post(jax.vmap(self.stream)(pre(xs)), xs)
 
 
 def _trace_of(args: tuple) -> Any:
@@ -103,7 +144,8 @@ def while_loop(op: Any, cond: Callable, body: Callable, init: PyTree) -> PyTree:
     stream = _enter(op)
     if stream is None:
         return jax.lax.while_loop(cond, body, init)
-    step, test, state = _Step(stream, body), jax.jit(cond), init
+    step, state = _Step(stream, body), init
+    test = _Compiled(cond, (init,))
     while bool(test(state)):
         state = step(state)
     return state

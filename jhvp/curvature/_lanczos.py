@@ -375,6 +375,7 @@ def lanczos(op: Any, v0: PyTree, num_matvecs: int, *, reortho: str = "full",
     )
 
 
+@jax.jit  # one program when called outside jit (a streamed operator's eager driver)
 def ritz(alphas: jax.Array, betas: jax.Array, steps: jax.Array) -> tuple[jax.Array, ...]:
     """Returns T's eigenpairs for the first `steps` rows of a padded m×m T (internal).
 

@@ -181,6 +181,7 @@ class RangeBasis(NamedTuple):
         return jnp.where(self.keep, self.sig, 0.0)[:, None] * self.vt
 
 
+@jax.jit  # one program when called outside jit (a streamed operator's eager driver)
 def range_basis(y: PyTree) -> RangeBasis:
     """The thin SVD of the sketch Y = UΣVᵀ (y a stack of the s columns Aω_i): the basis U_K.
 
@@ -220,6 +221,7 @@ class LeaveOut(NamedTuple):
     (unit or zero vectors) of what leaving out both i and j removes from P (i ≠ j)."""
 
 
+@jax.jit  # one program when called outside jit (a streamed operator's eager driver)
 def leave_out(basis: RangeBasis) -> LeaveOut:
     """The leave-one-out and leave-two-out projectors of a sketch, for any rank.
 
