@@ -38,7 +38,8 @@ def parse(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the small suite (README's main job)")
     ap.add_argument("--suite", choices=["quick", "full", "tiny", "batch", "curvature",
-                                        "curvature-tiny", "curvature-data"], default=None,
+                                        "curvature-tiny", "curvature-data",
+                                        "curvature-data-tiny"], default=None,
                     help="case suite (default: full, or quick with --quick); curvature: "
                          "eigenvalues, traces and densities against PyHessian, matfree, scipy")
     ap.add_argument("--out", default=os.path.join("bench", "results"), help="output directory")
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
-    if args.suite == "curvature-data":  # the full-dataset case (N = 4096 in 8 batches)
+    if args.suite.startswith("curvature-data"):  # the full-dataset case (N = 4096, 8 batches)
         from . import curvature_data
 
         return curvature_data.main(args, header(args))

@@ -24,12 +24,12 @@ from . import curvature_methods as CM
 
 N, BATCH = 4096, 512
 TRACE_MATVECS = 99
-SIZES = {"85k": (64, 256, 256, 10), "1.8M": (512, 1024, 1024, 256)}
+SIZES = {"85k": (64, 256, 256, 10), "1.8M": (512, 1024, 1024, 256), "tiny": (8, 16, 4)}
+TINY = {"N": 200, "BATCH": 32}  # --suite curvature-data-tiny (the tests' run): 7 batches, last 8
 
 
 def _problem(label: str, n: int, dtype):
-    case = C.mlp_ce(SIZES[label], n, dtype, label)
-    return case
+    return C.mlp_ce(SIZES[label], n, dtype, label)
 
 
 def _jax_side(case, batch: int):
@@ -64,6 +64,8 @@ def _jax_side(case, batch: int):
 def _torch_side(case, dtype: str, batch: int):
     import torch
 
+    # PyHessian and the probes below draw vectors in the default dtype: the run's.
+    torch.set_default_dtype(torch.float64 if dtype == "float64" else torch.float32)
     model, criterion, (x, labels) = CM.torch_twin(case, dtype)
     loader = [(x[i:i + batch], labels[i:i + batch]) for i in range(0, x.shape[0], batch)]
     return model, criterion, loader, torch
@@ -111,16 +113,17 @@ def _timed(methods: dict, rounds: int) -> dict:
             for name, t in times.items()}
 
 
-def _applications(label: str, dtype, rounds: int, with_torch: bool) -> list[dict]:
-    case = _problem(label, N, dtype)
-    j = _jax_side(case, BATCH)
+def _applications(label: str, dtype, rounds: int, with_torch: bool, n: int = N,
+                  batch: int = BATCH) -> list[dict]:
+    case = _problem(label, n, dtype)
+    j = _jax_side(case, batch)
     methods = {"jhvp_batches": j["apply"], "jhvp_streamed": j["apply_streamed"],
                "sum_of_8_hvp": j["sum_of_batches"]}
     # JAX's methods interleaved with each other only: interleaved with PyTorch's, the one-program
     # application measured up to 1.6x slower than alone (each framework's threads and caches).
     timed = _timed(methods, rounds)
     if with_torch:
-        model, criterion, loader, torch = _torch_side(case, np.dtype(dtype).name, BATCH)
+        model, criterion, loader, torch = _torch_side(case, np.dtype(dtype).name, batch)
         lin = _curvlinops(model, criterion, loader)
         h = _pyhessian(model, criterion, loader)
         vt = torch.randn(sum(p.numel() for p in model.parameters()))
@@ -134,23 +137,25 @@ def _applications(label: str, dtype, rounds: int, with_torch: bool) -> list[dict
              "ratio_to_sum_of_batches": t["median_s"] / base} for name, t in timed.items()]
 
 
-def _reference_top(op) -> float:
+def _reference_top(op, steps: int) -> float:
+    """The top Ritz value of a float64 host Lanczos with full reorthogonalisation."""
     import jhvp
 
     from .curvature import _host_lanczos
 
-    return float(_host_lanczos(jhvp.to_scipy(op), 120)[0])
+    return float(_host_lanczos(jhvp.to_scipy(op), steps)[0])
 
 
-def _answers(dtype, rounds: int) -> list[dict]:
+def _answers(dtype, rounds: int, label: str = "85k", n: int = N,
+             batch: int = BATCH) -> list[dict]:
     import jax
     import scipy.sparse.linalg as sla
 
     import jhvp
 
-    case = _problem("85k", N, dtype)
-    j = _jax_side(case, BATCH)
-    model, criterion, loader, torch = _torch_side(case, np.dtype(dtype).name, BATCH)
+    case = _problem(label, n, dtype)
+    j = _jax_side(case, batch)
+    model, criterion, loader, torch = _torch_side(case, np.dtype(dtype).name, batch)
     lin = _curvlinops(model, criterion, loader)
     h = _pyhessian(model, criterion, loader)
     key = jax.random.key(0)
@@ -224,18 +229,25 @@ def _answers(dtype, rounds: int) -> list[dict]:
                     "jhvp_trace_streamed": jhvp_trace("jhvp_trace_streamed", j["streamed"]),
                     "pyhessian_trace": pyhessian_trace,
                     "curvlinops_hutchinson_trace": curvlinops_trace}, rounds)
-    ref_top = _reference_top(j["device"])
-    ref = jhvp.curvature.trace(j["device"], jax.random.key(99), num_matvecs=600, batch_size=50)
-    ref_trace, ref_err = float(ref.estimate), float(ref.stderr)
+    n_params = j["device"].shape[0]
+    if n_params <= 3000:  # dense: exact references
+        dense = np.asarray(j["device"].as_matrix(), np.float64)
+        ref_top = float(np.linalg.eigvalsh((dense + dense.T) / 2)[-1])
+        ref_trace, ref_err = float(np.trace(dense)), 0.0
+    else:
+        ref_top = _reference_top(j["device"], 120)
+        ref = jhvp.curvature.trace(j["device"], jax.random.key(99), num_matvecs=600,
+                                   batch_size=50)
+        ref_trace, ref_err = float(ref.estimate), float(ref.stderr)
     base_top = top["pyhessian_eigenvalues"]["median_s"]
-    records = [{"case": "mlp-ce-85k", "task": "top eigenvalue", "method": name,
+    records = [{"case": f"mlp-ce-{label}", "task": "top eigenvalue", "method": name,
                 "median_s": t["median_s"], "answer": t["answer"],
                 "error": abs(t["answer"] - ref_top) / abs(ref_top),
                 "reference": ref_top, "speedup_vs_pyhessian": base_top / t["median_s"],
                 "num_matvecs": count.get(name)}
                for name, t in top.items()]
     base_trace = trace["pyhessian_trace"]["median_s"]
-    records += [{"case": "mlp-ce-85k", "task": "trace", "method": name,
+    records += [{"case": f"mlp-ce-{label}", "task": "trace", "method": name,
                  "median_s": t["median_s"], "answer": t["answer"][0], "stderr": t["answer"][1],
                  "error": abs(t["answer"][0] - ref_trace) / abs(ref_trace),
                  "reference": ref_trace, "reference_stderr": ref_err,
@@ -267,11 +279,16 @@ def main(args, header: dict) -> int:
     if not torch_ok:
         print("note: pyhessian or curvlinops is not installed: the torch methods are left out")
     records, start = [], time.perf_counter()
-    for label in ("85k", "1.8M"):
-        records += _applications(label, dtype, rounds, torch_ok and label == "85k")
-        print(table(records), flush=True)
-    if torch_ok:
-        records += _answers(dtype, max(1, rounds // 2))
+    if args.suite == "curvature-data-tiny":
+        records += _applications("tiny", dtype, 1, torch_ok, TINY["N"], TINY["BATCH"])
+        if torch_ok:
+            records += _answers(dtype, 1, "tiny", TINY["N"], TINY["BATCH"])
+    else:
+        for label in ("85k", "1.8M"):
+            records += _applications(label, dtype, rounds, torch_ok and label == "85k")
+            print(table(records), flush=True)
+        if torch_ok:
+            records += _answers(dtype, max(1, rounds // 2))
     header["wall_s"] = round(time.perf_counter() - start, 1)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "curvature_data.json"), "w") as fh:

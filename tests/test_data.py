@@ -257,7 +257,7 @@ LOSS = mlp_loss
     ([(np.float32(1.0), Y[:5])], ValueError,
      r"batch 0's arrays do not share a leading \(examples\) axis \(batch\[0\]: no axis, "
      r"batch\[1\]: 5\)"),
-    (list(zip(np.asarray(X), np.asarray(Y))), ValueError,
+    (list(zip(np.asarray(X), np.asarray(Y), strict=True)), ValueError,
      r"batch 0's arrays do not share .* list\(zip\(x, y\)\) are single examples"),
     ([(X[:5], [1.0] * 5)], TypeError, r"batch 0\[1\]\[0\] is a builtins.float; batches must "
      r"hold NumPy or JAX arrays \(from a torch DataLoader"),

@@ -141,6 +141,18 @@ SHARDED = textwrap.dedent(
     step = jax.jit(lambda p, x, y, v: jhvp.hvp(loss, (p, x, y), v))
     hv = step(ps, xs, ys, vs)
     np.testing.assert_allclose(hv["w2"], expected["w2"], rtol=tol, atol=tol)
+    # A dataset sharded along N, cut into 4 batches of 16 inside the program: the same Hessian,
+    # the products laid out like the parameters, and the same top eigenvalue.
+    data = jhvp.batches(xs, ys, batch_size=16)
+    op = jhvp.hessian_operator(loss, (ps,), data=data)
+    hv = jax.jit(lambda op, v: op @ v)(op, vs)
+    for name in hv:
+        np.testing.assert_allclose(hv[name], expected[name], rtol=tol, atol=tol)
+        assert hv[name].sharding.is_equivalent_to(ps[name].sharding, hv[name].ndim), name
+    top = jhvp.curvature.eigh(op, jax.random.key(0), 1, num_matvecs=20).eigenvalues
+    want = jhvp.curvature.eigh(jhvp.hessian_operator(loss, (params, x, y)), jax.random.key(0), 1,
+                               num_matvecs=20).eigenvalues
+    np.testing.assert_allclose(top, want, rtol=10 * tol)
     print("SHARDED-OK")
     """
 )
