@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -340,18 +341,26 @@ class Capture:
     body's part before the product is traced); "replay": it returns `product` (the part after).
     """
 
-    active: list = []  # a stack; the innermost capture is the last
+    _local = threading.local()  # per thread: two threads may split loops at once
 
     def __init__(self, mode: str, product: PyTree = None, owner: Any = None):
         self.mode, self.product, self.vectors = mode, product, []
         self.owner = owner  # the trace of the body's arguments: the vector must be of it
 
     def __enter__(self) -> Capture:
-        Capture.active.append(self)
+        Capture.stack().append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        Capture.active.pop()
+        Capture.stack().pop()
+
+    @staticmethod
+    def stack() -> list:
+        """This thread's active captures; the innermost is the last."""
+        stack = getattr(Capture._local, "stack", None)
+        if stack is None:
+            stack = Capture._local.stack = []
+        return stack
 
 
 class Unsplittable(Exception):
@@ -472,8 +481,8 @@ class StreamedOperator(SymmetricOperator):
             out = self(_protocol.gradient_form(self, tangents))
             return _select.to_state(out, tangents, self._tangent_layout.state_paths)
         tangents = _protocol.gradient_form(self, tangents)
-        if Capture.active:
-            capture = Capture.active[-1]
+        if Capture.stack():
+            capture = Capture.stack()[-1]
             if capture.mode == "replay":
                 return capture.product
             # Applied under a vmap or loop of the body's own, or twice: not one top-level

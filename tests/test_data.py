@@ -358,3 +358,24 @@ def test_a_streamed_operator_is_not_a_jit_argument():
     op = jhvp.hessian_operator(LOSS, (PARAMS,), data=_streamed(X, Y, 5))
     with pytest.raises(TypeError):
         jax.jit(lambda op: op @ PARAMS)(op)
+
+
+def test_streamed_curvature_from_two_threads_at_once():
+    # Each thread splits its own loops: the capture of one never sees the other's operator.
+    import threading
+
+    x, y = _dataset(24)
+    ops = [jhvp.hessian_operator(mlp_loss, (PARAMS,), data=_streamed(x * s, y, 8)) for s in (1, 2)]
+    want = [curvature.eigh(op, KEY, 2, num_matvecs=10, rtol=None).eigenvalues for op in ops]
+    got = [None, None]
+
+    def run(i):
+        got[i] = curvature.eigh(ops[i], KEY, 2, num_matvecs=10, rtol=None).eigenvalues
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g, w in zip(got, want, strict=True):
+        assert_rounding_close(g, w, steps=10)

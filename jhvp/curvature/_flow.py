@@ -134,7 +134,7 @@ def _trace_of(args: tuple) -> Any:
 
 def _enter(op: Any) -> Any:
     stream = _stream(op)
-    if stream is not None and Capture.active:
+    if stream is not None and Capture.stack():
         raise Unsplittable  # a loop inside a body being split: the body runs eagerly instead
     return stream
 
