@@ -158,7 +158,7 @@ def to_lineax(op: Any, *, psd: bool = False, like: PyTree = None) -> Any:
     lx = _require("lineax", "lineax", "to_lineax")
     struct = _protocol.structure(op, like, "jhvp.to_lineax")
     tags = [lx.symmetric_tag]
-    if psd or getattr(type(op), "psd", False):
+    if psd or getattr(op, "psd", False) is True:  # a class attribute, or a streamed op's property
         tags.append(lx.positive_semidefinite_tag)
     return lx.FunctionLinearOperator(op, struct, tags)
 

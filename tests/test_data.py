@@ -379,3 +379,12 @@ def test_streamed_curvature_from_two_threads_at_once():
         t.join()
     for g, w in zip(got, want, strict=True):
         assert_rounding_close(g, w, steps=10)
+
+
+def test_streamed_operators_declare_psd_for_lineax_only_where_true():
+    lx = pytest.importorskip("lineax")
+    x, y = _dataset(16)
+    hessian = jhvp.hessian_operator(mlp_loss, (PARAMS,), data=_streamed(x, y, 8))
+    ggn = jhvp.ggn_operator(model, cross_entropy_mean, (PARAMS,), data=_streamed(x, y, 8))
+    assert not lx.is_positive_semidefinite(jhvp.to_lineax(hessian))
+    assert lx.is_positive_semidefinite(jhvp.to_lineax(ggn))
