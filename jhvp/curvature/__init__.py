@@ -3,7 +3,10 @@
 Every function takes an operator: a `jhvp.HessianOperator` (or another jhvp operator with the
 same protocol), or any symmetric linear callable `v -> A v` on pytrees together with `like=`, a
 pytree of arrays or `jax.ShapeDtypeStruct` with the structure of v. Each call runs as one
-compiled program with the operator's arrays as arguments; it composes with `jax.jit`.
+compiled program with the operator's arrays as arguments; it composes with `jax.jit`. Over a
+`jhvp.StreamedOperator` (a dataset streamed from the host, `data=` a re-iterable of batches)
+the same algorithm runs its loops from Python, each step compiled once (`progress=True` shows
+a bar).
 Randomised methods take a PRNG key and draw probe i from `jax.random.fold_in(key, i)`, so
 `batch_size` changes memory use, and results only by rounding. Budgets count operator
 applications (`num_matvecs`), and results are NamedTuples.
