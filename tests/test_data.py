@@ -338,7 +338,7 @@ def test_data_that_changes_between_passes_is_an_error():
 
 def test_nnx_state_vectors_give_nnx_state_products_in_both_forms():
     nnx = pytest.importorskip("flax.nnx")
-    net = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    net = nnx.Linear(3, 2, rngs=nnx.Rngs(0), param_dtype=DTYPE)
     x, y = rand(300, (12, 3)), rand(301, (12, 2))
 
     def loss(m, x, y):
