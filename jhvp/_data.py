@@ -260,13 +260,6 @@ def _over_batches(data: Any, size: int, fn: Callable[[Any, int], PyTree]) -> PyT
     return total
 
 
-def _apply_dataset(jaxpr: Any, out_tree: Any, consts: list, dynamic: list,
-                   vecs: list) -> list:
-    # A traced program, not f: the operator does not keep the user's callables alive.
-    flat = jax.core.eval_jaxpr(jaxpr, consts, *jax.tree.leaves((dynamic, vecs)))
-    return jax.tree.unflatten(out_tree, flat)
-
-
 def _device_body(t: _cache.Traced) -> SymmetricOperator:
     problem, primals = t.substitute(t.diff)
     data, kind, reduction = primals[-1], problem.kind, problem.reduction
@@ -289,7 +282,11 @@ def _device_body(t: _cache.Traced) -> SymmetricOperator:
                              weighted(lambda batch: apply(again, batch, vecs)))
 
     closed, out_shape = jax.make_jaxpr(apply_all, return_shape=True)(t.dynamic, t.diff)
-    body = functools.partial(_apply_dataset, closed.jaxpr, jax.tree.structure(out_shape))
+    # A traced program, not f (as the Hessian's recompute strategy applies): the operator does
+    # not keep the user's callables alive.
+    from ._hessian import _apply_recompute
+
+    body = functools.partial(_apply_recompute, closed.jaxpr, jax.tree.structure(out_shape))
     op_apply = jax.tree_util.Partial(body, closed.consts, t.dynamic)
     return _operator_class(kind).build(value, t.unflatten(grad), op_apply,
                                        TangentLayout.of(t.layout))
