@@ -16,8 +16,11 @@ Examples:
 import importlib.metadata as _metadata
 
 from . import curvature as curvature
+from ._data import Batches as Batches
 from ._data import StreamedOperator as StreamedOperator
 from ._data import batches as batches
+from ._ggn import FisherOperator as FisherOperator
+from ._ggn import GGNOperator as GGNOperator
 from ._ggn import empirical_fisher_operator as empirical_fisher_operator
 from ._ggn import ggn_operator as ggn_operator
 from ._hessian import HessianOperator as HessianOperator
@@ -25,6 +28,8 @@ from ._hessian import hessian_operator as hessian_operator
 from ._hvp import hvp as hvp
 from ._hvp import value_grad_hvp as value_grad_hvp
 from ._hvp import vhp as vhp
+from ._typing import Operator as Operator
+from .interop import ScipyObjective as ScipyObjective
 from .interop import scipy_objective as scipy_objective
 from .interop import to_lineax as to_lineax
 from .interop import to_scipy as to_scipy
@@ -36,7 +41,12 @@ except _metadata.PackageNotFoundError:  # imported from a source tree that was n
 del _metadata
 
 __all__ = [
+    "Batches",
+    "FisherOperator",
+    "GGNOperator",
     "HessianOperator",
+    "Operator",
+    "ScipyObjective",
     "StreamedOperator",
     "batches",
     "empirical_fisher_operator",

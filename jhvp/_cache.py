@@ -22,7 +22,7 @@ import threading
 import types
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -195,7 +195,7 @@ class Slot:
     __slots__ = ("leaves", "treedef")
 
     def __init__(self):
-        self.leaves: list | None = None
+        self.leaves: Any = None  # the call's list of leaves while it runs
         self.treedef: Any = None
 
 
@@ -274,7 +274,7 @@ class Layout:
             off + p for off, ps in zip(offsets, full_diff, strict=True) for p in ps
         )
 
-    def vector_selection(self, vectors_tree: Any) -> tuple[int, ...] | None | bool:
+    def vector_selection(self, vectors_tree: Any) -> tuple[int, ...] | None | Literal[False]:
         """Which vector leaves pair with the differentiated leaves: None (all), or positions.
 
         Returns False when the vectors' structure is neither accepted form.
@@ -290,7 +290,7 @@ class Layout:
         """Splits flat differentiated leaves into the per-argnum structure (None at statics)."""
         out, start = [], 0
         for tree, count in zip(self.diff_trees, self.diff_counts, strict=True):
-            out.append(tree.unflatten(flat[start : start + count]))
+            out.append(jax.tree.unflatten(tree, flat[start : start + count]))
             start += count
         return out[0] if self.key.single else tuple(out)
 
@@ -316,7 +316,7 @@ class Traced:
             leaves[position] = x
         self._leaves, self._treedef = leaves, treedef
         self.diff = self._differentiated()
-        self.vecs = None if vecs is None else self._checked(vecs, name)
+        self.vecs = None if vecs is None else self._checked(vecs, name or "tangents")
         self._aux_static: list = []
 
     def again(self, dynamic: list) -> Traced:
@@ -355,7 +355,7 @@ class Traced:
         """Returns (f, primals, vectors) from a full list of leaves."""
         return self._treedef.unflatten(leaves)
 
-    def substitute(self, d: list) -> tuple[Callable, tuple]:
+    def substitute(self, d: list) -> tuple[Any, tuple]:
         """Returns (f, primals) with the differentiated leaves replaced by `d`."""
         full = list(self._leaves)
         for p, x in zip(self.layout.diff_positions, d, strict=True):
@@ -432,13 +432,14 @@ def _entry(key, plan, roles, leaves, treedef, body, vectors, name) -> Entry:
     # A miss: the vectors' structure is checked before the entry exists, so a bad structure
     # raises on every call.
     layout = Layout(plan, roles, leaves, treedef, key)
-    selection = None
+    selection: tuple[int, ...] | None = None
     if name is not None:
-        selection = layout.vector_selection(treedef.children()[2])
-        if selection is False:
+        found = layout.vector_selection(treedef.children()[2])
+        if found is False:  # neither accepted structure
             diff = [leaves[p] for p in layout.diff_positions]
             _checks.check_tangents(layout.unflatten_diff(diff), vectors, name, f"jhvp.{key.api}")
             raise AssertionError("unreachable: check_tangents accepted a bad structure")
+        selection = found
 
     def make_jitted(slot: Slot) -> Callable:
         def program(dynamic: list, vecs: list | None = None):

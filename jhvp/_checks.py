@@ -125,7 +125,7 @@ def check_tangents(primals: Any, tangents: Any, name: str, api: str) -> None:
     """
     p_leaves, p_tree = jax.tree_util.tree_flatten_with_path(primals)
     t_leaves, t_tree = jax.tree_util.tree_flatten_with_path(tangents)
-    if p_tree != t_tree:
+    if p_tree != t_tree:  # type: ignore[operator]  # JAX gap: PyTreeDef is an untyped alias
         for (pp, pl), (tp, tl) in zip(p_leaves, t_leaves, strict=False):
             if pp != tp:
                 raise ValueError(

@@ -27,7 +27,7 @@ import functools
 import math
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +36,7 @@ from jax.flatten_util import ravel_pytree
 
 from . import _ad, _cache, _checks, _filter, _protocol, _select
 from ._protocol import SymmetricOperator, TangentLayout
-from ._typing import PyTree
-
-REDUCTIONS = ("mean", "sum")
+from ._typing import REDUCTIONS, PyTree
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["arrays"],
@@ -53,6 +51,11 @@ class Batches:
     Attributes:
         arrays: The full arrays (each a pytree of arrays with leading axis N).
         batch_size: B, the examples per batch; the last batch holds N mod B when that is not 0.
+
+    Examples:
+        >>> import jax.numpy as jnp, jhvp
+        >>> jhvp.batches(jnp.zeros((10, 3)), jnp.zeros(10), batch_size=4)
+        Batches(num_examples=10, batch_size=4, num_batches=3)
     """
 
     arrays: tuple
@@ -318,6 +321,7 @@ def _streamed_vg_body(t: _cache.Traced) -> tuple:
 
 def _streamed_apply_body(t: _cache.Traced) -> PyTree:
     _, primals = t.substitute(t.diff)
+    assert t.vecs is not None  # an application's program is traced with its vectors
     return t.unflatten(apply(t, primals[-1], t.vecs))
 
 
@@ -341,7 +345,8 @@ class Capture:
     _local = threading.local()  # per thread: two threads may split loops at once
 
     def __init__(self, mode: str, product: PyTree = None, owner: Any = None):
-        self.mode, self.product, self.vectors = mode, product, []
+        self.mode, self.product = mode, product
+        self.vectors: list = []
         self.owner = owner  # the trace of the body's arguments: the vector must be of it
 
     def __enter__(self) -> Capture:
@@ -424,6 +429,7 @@ class StreamedOperator(SymmetricOperator):
             value, grad = pair if value is None else jax.tree.map(jnp.add, (value, grad), pair)
         if not sizes:
             raise ValueError(f"jhvp.{api}: `data` holds no batches (an empty dataset).")
+        assert value is not None and layout is not None  # set by the first batch
         self.num_examples = sum(sizes)
         self.batch_sizes = tuple(sizes)
         self._weights = [weight(problem.kind, problem.reduction, n_b, self.num_examples)
@@ -470,13 +476,15 @@ class StreamedOperator(SymmetricOperator):
                 "items of list(zip(x, y)) are single examples: batch them, or pass "
                 "data=jhvp.batches(x, y, batch_size=B)); or pass `batch_size_fn=`."
             )
-        return int(sizes[0][1])
+        return int(cast(int, sizes[0][1]))  # not None: checked above
 
     def __call__(self, tangents: PyTree) -> PyTree:
         """Returns Σ_b w_b C_b·tangents, in the gradient's structure (an nnx.State for one)."""
         if _select.is_state(tangents):
             out = self(_protocol.gradient_form(self, tangents))
-            return _select.to_state(out, tangents, self._tangent_layout.state_paths)
+            paths = self._tangent_layout.state_paths
+            assert paths is not None  # gradient_form raised for an operator without NNX paths
+            return _select.to_state(out, tangents, paths)
         tangents = _protocol.gradient_form(self, tangents)
         if Capture.stack():
             capture = Capture.stack()[-1]
@@ -534,7 +542,7 @@ class StreamedOperator(SymmetricOperator):
 def _vector_count(tangents: PyTree) -> int:
     leaf = jax.tree.leaves(tangents)[0]
     # Under `jax.vmap` (probes applied at once) a tracer holds the whole batch in `val`.
-    val = getattr(leaf, "val", None)
+    val: Any = getattr(leaf, "val", None)
     if type(leaf).__name__ == "BatchTracer" and hasattr(val, "size"):
         return max(1, int(val.size) // max(1, int(np.prod(np.shape(leaf), dtype=np.int64))))
     return 1
@@ -574,9 +582,9 @@ def operator(kind: str, api: str, fns: tuple, loss_args: tuple, primals: tuple, 
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise TypeError(f"{name}: `batch_size_fn` must be callable (batch -> its size).")
         problem = _Problem(fns, tuple(loss_args), kind, None, reduction)
-        opts = tuple(_cache.options(api, len(primals) + 1, argnums, False, "fwd_rev",
-                                    (role, kind), wrt) for role in ("streamed", "apply"))
-        op = StreamedOperator(problem, primals, data, opts, batch_size_fn, api)
+        kernels = tuple(_cache.options(api, len(primals) + 1, argnums, False, "fwd_rev",
+                                       (role, kind), wrt) for role in ("streamed", "apply"))
+        op = StreamedOperator(problem, primals, data, kernels, batch_size_fn, api)
     if check_deterministic:
         _check_deterministic(op, name)
     return op
@@ -587,8 +595,8 @@ def _check_deterministic(op: Any, name: str) -> None:
     struct = op.in_structure()
     leaves, tree = jax.tree.flatten(struct)
     keys = jax.random.split(jax.random.key(0), len(leaves))
-    v = tree.unflatten([jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves,
-                                                                                  strict=True)])
+    draws = [jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves, strict=True)]
+    v = jax.tree.unflatten(tree, draws)
     first, second = op(v), op(v)
     scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(first)) or 1.0
     diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(

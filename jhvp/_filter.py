@@ -285,7 +285,8 @@ def roles(leaves: list, in_diff: tuple) -> tuple[tuple, list]:
     Only the leaves of f and the primals (the first `len(in_diff)`) are looked at.
     """
     # The per-call hot path: a plain loop, the common types tested first.
-    out, dynamic = [], []
+    out: list[Any] = []  # roles, or weak references / static keys of the other leaves
+    dynamic: list = []
     fast, function = _FAST_ARRAY_TYPES, types.FunctionType
     for leaf, differentiated in zip(leaves, in_diff):  # noqa: B905 - in_diff covers f, primals
         t = type(leaf)

@@ -19,12 +19,15 @@ import jax.numpy as jnp
 
 from . import _ad, _cache, _checks, _data, _filter, _protocol
 from ._protocol import SymmetricOperator, TangentLayout
-from ._typing import PyTree
+from ._typing import PyTree, Reduction
 
-_FIELDS = dict(data_fields=["value", "grad", "_apply"], meta_fields=["_tangent_layout"])
+# value, grad and the application's arrays are traced; the tangent layout is static.
+_register = functools.partial(jax.tree_util.register_dataclass,
+                              data_fields=["value", "grad", "_apply"],
+                              meta_fields=["_tangent_layout"])
 
 
-@functools.partial(jax.tree_util.register_dataclass, **_FIELDS)
+@_register
 @dataclasses.dataclass(frozen=True, repr=False)
 class GGNOperator(SymmetricOperator):
     """The generalised Gauss-Newton matrix G = Jᵀ (∇²_z L) J as a linear operator: `op(v)` = G·v.
@@ -56,7 +59,7 @@ class GGNOperator(SymmetricOperator):
     _tangent_layout: TangentLayout
 
 
-@functools.partial(jax.tree_util.register_dataclass, **_FIELDS)
+@_register
 @dataclasses.dataclass(frozen=True, repr=False)
 class FisherOperator(SymmetricOperator):
     """The empirical Fisher F = (1/N) JᵀJ as a linear operator: `op(v)` = F·v.
@@ -209,7 +212,7 @@ def ggn_operator(
     loss_args: Sequence[Any] = (),
     wrt: Any = None,
     data: Any = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     batch_size_fn: Callable | None = None,
     check_deterministic: bool = False,
 ) -> GGNOperator:
@@ -298,7 +301,7 @@ def empirical_fisher_operator(
     argnums: int | Sequence[int] = 0,
     wrt: Any = None,
     data: Any = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     batch_size_fn: Callable | None = None,
     check_deterministic: bool = False,
 ) -> FisherOperator:

@@ -11,7 +11,7 @@ import jax
 
 from . import _ad, _cache, _checks, _data, _filter, _protocol, _strategy
 from ._protocol import SymmetricOperator, TangentLayout
-from ._typing import STRATEGIES, PyTree, Strategy
+from ._typing import STRATEGIES, PyTree, Reduction, Strategy
 
 
 @functools.partial(
@@ -111,7 +111,7 @@ def hessian_operator(
     strategy: Strategy = "auto",
     wrt: Any = None,
     data: Any = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     batch_size_fn: Callable | None = None,
     check_deterministic: bool = False,
 ) -> HessianOperator:

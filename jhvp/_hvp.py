@@ -41,7 +41,10 @@ def hvp(
     f: Callable, primals: Sequence[Any], tangents: PyTree, *, argnums: int | Sequence[int] = 0,
     has_aux: Literal[True], mode: Mode = "fwd_rev", wrt: Any = None,
 ) -> tuple[PyTree, Any]: ...
-def hvp(f, primals, tangents, *, argnums=0, has_aux=False, mode="fwd_rev", wrt=None):
+def hvp(
+    f: Callable, primals: Sequence[Any], tangents: PyTree, *, argnums: int | Sequence[int] = 0,
+    has_aux: bool = False, mode: Mode = "fwd_rev", wrt: Any = None,
+) -> PyTree | tuple[PyTree, Any]:
     """Computes H·v where H = ∇²f(primals), the Hessian with respect to the `argnums` arguments.
 
     Forward-over-reverse by default (`jax.jvp` of `jax.grad`): about the cost of two to three
@@ -115,7 +118,10 @@ def vhp(
     f: Callable, primals: Sequence[Any], cotangents: PyTree, *,
     argnums: int | Sequence[int] = 0, has_aux: Literal[True], wrt: Any = None,
 ) -> tuple[PyTree, Any]: ...
-def vhp(f, primals, cotangents, *, argnums=0, has_aux=False, wrt=None):
+def vhp(
+    f: Callable, primals: Sequence[Any], cotangents: PyTree, *,
+    argnums: int | Sequence[int] = 0, has_aux: bool = False, wrt: Any = None,
+) -> PyTree | tuple[PyTree, Any]:
     """Computes vᵀH where H = ∇²f(primals), by reverse-over-reverse differentiation.
 
     Equal to `hvp` because H is symmetric, and provided for code that thinks in cotangents (and
@@ -159,7 +165,10 @@ def value_grad_hvp(
     f: Callable, primals: Sequence[Any], tangents: PyTree, *,
     argnums: int | Sequence[int] = 0, has_aux: Literal[True], wrt: Any = None,
 ) -> tuple[tuple[jax.Array, Any], PyTree, PyTree]: ...
-def value_grad_hvp(f, primals, tangents, *, argnums=0, has_aux=False, wrt=None):
+def value_grad_hvp(
+    f: Callable, primals: Sequence[Any], tangents: PyTree, *, argnums: int | Sequence[int] = 0,
+    has_aux: bool = False, wrt: Any = None,
+) -> tuple[jax.Array | tuple[jax.Array, Any], PyTree, PyTree]:
     """Computes f(primals), ∇f(primals) and H·v together, in one forward-over-reverse pass.
 
     The value and the gradient are by-products of the pass that forms H·v, so a Newton-type step

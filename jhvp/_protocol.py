@@ -60,7 +60,9 @@ class SymmetricOperator:
         if _select.is_state(tangents):
             layout = self._tangent_layout
             out = apply_jitted(self, jax.tree.leaves(gradient_form(self, tangents)))
-            return _select.to_state(out, tangents, layout.state_paths)
+            paths = layout.state_paths
+            assert paths is not None  # gradient_form raised for an operator without NNX paths
+            return _select.to_state(out, tangents, paths)
         return apply_jitted(self, self._tangent_leaves(tangents))
 
     def __matmul__(self, tangents: PyTree) -> PyTree:
@@ -103,7 +105,7 @@ class SymmetricOperator:
         """
         leaves, tree = jax.tree.flatten(self.grad)
         placed = self._tangent_layout.shardings or (None,) * len(leaves)
-        return tree.unflatten([
+        return jax.tree.unflatten(tree, [
             jax.ShapeDtypeStruct(jnp.shape(g), jnp.result_type(g),
                                  sharding=p if p is not None else named_sharding(g))
             for g, p in zip(leaves, placed, strict=True)
@@ -153,10 +155,10 @@ def apply_traced(op: SymmetricOperator, vecs: list) -> PyTree:
     tree = jax.tree.structure(op.grad)
     for g, t in zip(grads, vecs, strict=True):
         if jnp.shape(g) != jnp.shape(t) or jnp.issubdtype(jnp.result_type(t), jnp.complexfloating):
-            _checks.check_tangents(op.grad, tree.unflatten(vecs), "tangents",
+            _checks.check_tangents(op.grad, jax.tree.unflatten(tree, vecs), "tangents",
                                   f"jhvp.{type(op).__name__}")
     vecs = [jnp.asarray(t, dtype=jnp.result_type(g)) for g, t in zip(grads, vecs, strict=True)]
-    return tree.unflatten(op._apply(vecs))
+    return jax.tree.unflatten(tree, op._apply(vecs))
 
 
 apply_jitted = jax.jit(apply_traced)
@@ -264,7 +266,7 @@ class FlatOperator(NamedTuple):
 def _check_output(out: PyTree, struct: PyTree, api: str, name: str) -> None:
     want, want_def = jax.tree_util.tree_flatten_with_path(struct)
     got, got_def = jax.tree_util.tree_flatten_with_path(out)
-    if want_def != got_def:
+    if want_def != got_def:  # type: ignore[operator]  # JAX gap: PyTreeDef is an untyped alias
         want_paths = [jax.tree_util.keystr(p) for p, _ in want]
         got_paths = [jax.tree_util.keystr(p) for p, _ in got]
         first = next(
@@ -293,7 +295,7 @@ def on_trees(op: Any, struct: PyTree, api: str, name: str = "like") -> TreeOpera
     """
     leaves = jax.tree.leaves(struct)
     dtype = jnp.result_type(*(s.dtype for s in leaves))
-    checked = []
+    checked: list[bool] = []
 
     def matvec(x: PyTree) -> PyTree:
         x = jax.tree.map(lambda v, s: v.astype(s.dtype), x, struct)

@@ -19,7 +19,7 @@ Everything here runs once per structure (the compile cache keeps the answer), ex
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -81,7 +81,7 @@ def normalise(wrt: Any, single: bool, api: str) -> Any:
             f"{api}: with a tuple `argnums`, `wrt` must be a tuple with one entry per "
             f"differentiated argument, got {type(wrt).__name__}."
         )
-    out = []
+    out: list[tuple | None] = []
     for item in items:
         if item is None:
             out.append(None)
@@ -175,7 +175,7 @@ def is_state(x: Any) -> bool:
     return nnx is not None and isinstance(x, nnx.State)
 
 
-def from_state(state: Any, diff_tree: Any, paths: list[tuple]) -> Any:
+def from_state(state: Any, diff_tree: Any, paths: Sequence[tuple]) -> Any:
     """An nnx.State of vectors as the module-shaped tangent `diff_tree` (paths: its leaves')."""
     nnx = _nnx()
     flat = {tuple(p): v for p, v in nnx.to_flat_state(state)}
@@ -199,12 +199,12 @@ def from_state(state: Any, diff_tree: Any, paths: list[tuple]) -> Any:
     return diff_tree.unflatten(leaves)
 
 
-def to_state(tree: Any, like_state: Any, paths: list[tuple]) -> Any:
+def to_state(tree: Any, like_state: Any, paths: Sequence[tuple]) -> Any:
     """A module-shaped vector (leaves at `paths`) as an nnx.State shaped like `like_state`."""
     values = dict(zip(paths, jax.tree.leaves(tree), strict=True))
     with_path, treedef = jax.tree_util.tree_flatten_with_path(like_state)
     keys = [_names(path) for path, _ in with_path]
-    return treedef.unflatten([values[k[:-1] if k[-1] == "value" else k] for k in keys])
+    return jax.tree.unflatten(treedef, [values[k[:-1] if k[-1] == "value" else k] for k in keys])
 
 
 def variable_paths(primal: Any, positions: tuple[int, ...]) -> tuple[tuple, ...] | None:

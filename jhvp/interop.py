@@ -25,8 +25,9 @@ from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
 from . import _ad, _checks, _filter, _protocol, _select
-from ._typing import PyTree
+from ._typing import Operator, PyTree
 
+__all__ = ["PrecisionWarning", "ScipyObjective", "scipy_objective", "to_lineax", "to_scipy"]
 
 def _require(module: str, extra: str, api: str) -> Any:
     try:
@@ -49,7 +50,7 @@ def _matmat(flat_op: _protocol.FlatOperator, xs: jax.Array) -> jax.Array:
     return jax.vmap(flat_op.matvec, in_axes=1, out_axes=1)(xs.astype(flat_op.dtype))
 
 
-def to_scipy(op: Any, *, like: PyTree = None) -> Any:
+def to_scipy(op: Operator, *, like: PyTree = None) -> Any:
     """Returns `op` as a `scipy.sparse.linalg.LinearOperator` on flat float64 vectors.
 
     Vector entries are ordered as `jax.flatten_util.ravel_pytree` orders the structure (`like`,
@@ -122,7 +123,7 @@ def to_scipy(op: Any, *, like: PyTree = None) -> Any:
     )
 
 
-def to_lineax(op: Any, *, psd: bool = False, like: PyTree = None) -> Any:
+def to_lineax(op: Operator, *, psd: bool = False, like: PyTree = None) -> Any:
     """Returns `op` as a `lineax.FunctionLinearOperator`, tagged symmetric.
 
     Its input structure is the `jax.ShapeDtypeStruct` pytree of v (`like`, else
@@ -200,6 +201,13 @@ class ScipyObjective:
     Attributes:
         x0: The starting point: the differentiated primals, flat, float64.
         dtype: The dtype f is evaluated in: the differentiated primals' (after `dtype=`).
+
+    Examples:
+        >>> import jax.numpy as jnp, jhvp
+        >>> obj = jhvp.scipy_objective(lambda w: jnp.sum((w - 1.0) ** 2), (jnp.zeros(2),),
+        ...                            dtype=jnp.float32)
+        >>> isinstance(obj, jhvp.ScipyObjective), obj.fun(obj.x0), obj.jac(obj.x0).tolist()
+        (True, 2.0, [-2.0, -2.0])
     """
 
     def __init__(
@@ -214,7 +222,7 @@ class ScipyObjective:
         for i, mask in zip(argnums, masks, strict=True):
             leaves, tree = jax.tree.flatten(primals[i])
             selected += [x for x, m in zip(leaves, mask, strict=True) if m]
-            templates[i] = tree.unflatten(
+            templates[i] = jax.tree.unflatten(tree, 
                 [_SELECTED if m else x for x, m in zip(leaves, mask, strict=True)])
         if dtype is not None:
             selected = [jnp.asarray(x, dtype) for x in selected]
@@ -305,7 +313,7 @@ def _check_dtype(dtype: Any, api: str) -> np.dtype | None:
             f"{api}: `dtype` must be a real floating-point dtype such as jnp.float64, got "
             f"{dtype!r}."
         )
-    if dt == np.float64 and not jax.config.jax_enable_x64:
+    if dt == np.float64 and not jax.config.read("jax_enable_x64"):
         raise TypeError(
             f"{api}: dtype=float64 needs JAX's 64-bit mode, which is off: JAX would compute in "
             'float32. Enable it at startup with `jax.config.update("jax_enable_x64", True)` '
@@ -327,7 +335,7 @@ def _precision_warning(obj: ScipyObjective, requested: np.dtype | None, api: str
     if jnp.finfo(obj.dtype).bits < 64:
         fixes.append("pass `dtype=jnp.float64` (it casts the differentiated primals and "
                      "floating data)")
-        if not jax.config.jax_enable_x64:
+        if not jax.config.read("jax_enable_x64"):
             fixes[-1] += (' after enabling JAX\'s 64-bit mode: `jax.config.update('
                           '"jax_enable_x64", True)` at startup, or JAX_ENABLE_X64=1')
     fix = " and ".join(fixes)

@@ -8,7 +8,12 @@ from jhvp import compat
 
 def test_jhvp_all_is_pinned():
     assert sorted(jhvp.__all__) == [
+        "Batches",
+        "FisherOperator",
+        "GGNOperator",
         "HessianOperator",
+        "Operator",
+        "ScipyObjective",
         "StreamedOperator",
         "batches",
         "empirical_fisher_operator",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -110,7 +110,7 @@ def cast_like(v: tuple, refs: tuple) -> tuple:
     return tuple(jnp.asarray(t, jnp.result_type(r)) for t, r in zip(v, refs, strict=True))
 
 
-def post(res: tuple, is_tuple: bool):
+def post(res: Sequence, is_tuple: bool) -> Any:
     return res if is_tuple else res[0]
 
 

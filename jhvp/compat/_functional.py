@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any, Literal, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,11 @@ import numpy as np
 from .. import _ad, _cache, _filter
 from . import _args, _strict
 from . import _messages as msg
+
+Inputs: TypeAlias = Any
+"""An array (JAX, NumPy or a Python float) or a tuple of them, as torch takes Tensors."""
+
+JacobianStrategy: TypeAlias = Literal["reverse-mode", "forward-mode"]
 
 
 def _check_scalar_output(is_tuple: bool, outs: tuple, fn_name: str) -> None:
@@ -54,6 +60,7 @@ def _hvp_like(get_f, fn_name: str, is_inputs_tuple: bool, create_graph: bool, st
             return value, hv
 
         if strict:
+            assert out_deps is not None  # checked above under strict
             jac_deps = _strict.check_jacobian_strict(func, inputs, out_deps[0])
             if not forward_over_reverse:
                 for i in nums:
@@ -205,7 +212,10 @@ def _compiled(func, fn_name: str, key: tuple, make: Callable) -> Callable:
     return functools.partial(entry.call, [func], None)
 
 
-def vjp(func, inputs, v=None, create_graph=False, strict=False):
+def vjp(
+    func: Callable[..., Any], inputs: Inputs, v: Inputs | None = None,
+    create_graph: bool = False, strict: bool = False,
+) -> tuple[Any, Any]:
     """Computes vᵀJ, the dot product of a vector v with the Jacobian of func at inputs.
 
     Mirrors `torch.autograd.functional.vjp`: same signature, return structure and errors.
@@ -247,7 +257,10 @@ def vjp(func, inputs, v=None, create_graph=False, strict=False):
     return fn(inputs, v)
 
 
-def jvp(func, inputs, v=None, create_graph=False, strict=False):
+def jvp(
+    func: Callable[..., Any], inputs: Inputs, v: Inputs | None = None,
+    create_graph: bool = False, strict: bool = False,
+) -> tuple[Any, Any]:
     """Computes J·v, the Jacobian of func at inputs times a vector v (forward mode).
 
     Mirrors `torch.autograd.functional.jvp`. torch computes it with the double-backward trick;
@@ -299,8 +312,10 @@ def _check_forward_mode(strategy, create_graph, strict, vectorize, inputs_check)
     return checked
 
 
-def jacobian(func, inputs, create_graph=False, strict=False, vectorize=False,
-             strategy="reverse-mode"):
+def jacobian(
+    func: Callable[..., Any], inputs: Inputs, create_graph: bool = False, strict: bool = False,
+    vectorize: bool = False, strategy: JacobianStrategy = "reverse-mode",
+) -> Any:
     """Computes the Jacobian of func at inputs.
 
     Mirrors `torch.autograd.functional.jacobian`: `jac[i][k]` has shape
@@ -340,8 +355,10 @@ def jacobian(func, inputs, create_graph=False, strict=False, vectorize=False,
     return fn(inputs)
 
 
-def hessian(func, inputs, create_graph=False, strict=False, vectorize=False,
-            outer_jacobian_strategy="reverse-mode"):
+def hessian(
+    func: Callable[..., Any], inputs: Inputs, create_graph: bool = False, strict: bool = False,
+    vectorize: bool = False, outer_jacobian_strategy: JacobianStrategy = "reverse-mode",
+) -> Any:
     """Computes the Hessian of a scalar function func at inputs.
 
     Mirrors `torch.autograd.functional.hessian`: for a tuple of inputs, `H[i][j]` has shape
@@ -390,7 +407,10 @@ def _hessian_product(fn_name, func, inputs, v, create_graph, strict):
     return fn(inputs, v)
 
 
-def vhp(func, inputs, v=None, create_graph=False, strict=False):
+def vhp(
+    func: Callable[..., Any], inputs: Inputs, v: Inputs | None = None,
+    create_graph: bool = False, strict: bool = False,
+) -> tuple[Any, Any]:
     """Computes vᵀH, v times the Hessian of a scalar func at inputs, reverse-over-reverse.
 
     Mirrors `torch.autograd.functional.vhp`. Unlike in torch, `hvp` is the faster route in JAX
@@ -421,7 +441,10 @@ def vhp(func, inputs, v=None, create_graph=False, strict=False):
     return _hessian_product("vhp", func, inputs, v, create_graph, strict)
 
 
-def hvp(func, inputs, v=None, create_graph=False, strict=False):
+def hvp(
+    func: Callable[..., Any], inputs: Inputs, v: Inputs | None = None,
+    create_graph: bool = False, strict: bool = False,
+) -> tuple[Any, Any]:
     """Computes H·v, the Hessian of a scalar func at inputs times v, forward-over-reverse.
 
     Mirrors `torch.autograd.functional.hvp`, whose note says hvp is slower than vhp because of

@@ -42,13 +42,12 @@ def _propagate(jaxpr, in_deps: Sequence[frozenset]) -> list[frozenset]:
         env[var] = deps if _differentiable(var) else frozenset()
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
+        outs: list[frozenset]
         if eqn.primitive.name in _CUT:
             outs = [frozenset()] * len(eqn.outvars)
         else:
-            outs = _through_subjaxpr(eqn, ins)
-            if outs is None:
-                union = frozenset().union(*ins)
-                outs = [union] * len(eqn.outvars)
+            through = _through_subjaxpr(eqn, ins)
+            outs = [frozenset().union(*ins)] * len(eqn.outvars) if through is None else through
         for var, deps in zip(eqn.outvars, outs, strict=True):
             env[var] = deps if _differentiable(var) else frozenset()
     return [read(v) if _differentiable(v) else frozenset() for v in jaxpr.outvars]
@@ -162,7 +161,7 @@ def check_first_order_strict(out_deps, product, inputs, v, create_graph) -> None
 def jacobian_checks(func, inputs, outs, create_graph, name_fn: Callable[[int], str] | None = None):
     """Torch's non-vectorized reverse-mode loop: (output i, input k) pairs in order."""
     out_deps = dependencies(lambda *xs: func(*xs), *inputs)
-    jac_deps = None
+    jac_deps: list[frozenset] = []  # read only with create_graph
     if create_graph:
         jac = jax.jacrev(lambda *xs: func(*xs), argnums=tuple(range(len(inputs))))
         jac_deps = dependencies(lambda *xs: jac(*xs), *inputs)

@@ -6,7 +6,7 @@ message with it; "unknown choice" is `jhvp._checks.check_choice`, shared with th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,12 @@ def check_key(key: Any, api: str) -> None:
         )
 
 
+@overload
+def check_int(value: Any, name: str, api: str, *, low: int = 1, high: int | None = None,
+              why: str = "", optional: Literal[False] = False, kind: str = "an int") -> int: ...
+@overload
+def check_int(value: Any, name: str, api: str, *, low: int = 1, high: int | None = None,
+              why: str = "", optional: bool, kind: str = "an int") -> int | None: ...
 def check_int(value: Any, name: str, api: str, *, low: int = 1, high: int | None = None,
               why: str = "", optional: bool = False, kind: str = "an int") -> int | None:
     """Checks that `value` is an int in [low, high] (or None when `optional`) and returns it.
@@ -59,6 +65,10 @@ def check_int(value: Any, name: str, api: str, *, low: int = 1, high: int | None
     return value
 
 
+@overload
+def check_positive(value: Any, name: str, api: str, *, optional: Literal[False]) -> float: ...
+@overload
+def check_positive(value: Any, name: str, api: str, *, optional: bool = True) -> float | None: ...
 def check_positive(value: Any, name: str, api: str, *, optional: bool = True) -> float | None:
     """Checks that `value` is a positive real number (or None when `optional`) and returns it.
 
@@ -113,7 +123,7 @@ def check_vector(tree: PyTree, struct: PyTree, name: str, api: str) -> PyTree:
     """Checks `tree` against the operator's structure; returns it cast to its dtypes."""
     want, want_def = jax.tree.flatten(struct)
     got_paths, got_def = jax.tree_util.tree_flatten_with_path(tree)
-    if want_def != got_def:
+    if want_def != got_def:  # type: ignore[operator]  # JAX gap: PyTreeDef is an untyped alias
         raise ValueError(
             f"{api}: `{name}` must have the structure of the vectors op applies "
             f"to ({want_def}), got {got_def}. Pass `{name}` shaped like op.in_structure()."

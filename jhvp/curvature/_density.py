@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import _protocol
-from .._typing import PyTree
+from .._typing import Operator, PyTree
 from . import _checks, _lanczos, _sketch
 from . import _vectors as vec
 
@@ -143,7 +143,7 @@ def _density_impl(op, key, *, num_probes, num_matvecs, num_points, sigma, batch_
 
 
 def spectral_density(
-    op: Any,
+    op: Operator,
     key: jax.Array,
     *,
     num_probes: int = 10,

@@ -5,14 +5,14 @@ Probe i is Rademacher, drawn from `fold_in(key, i)`, so `batch_size` never chang
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .. import _protocol
-from .._typing import PyTree
+from .._typing import Operator, PyTree
 from . import _checks, _flow, _sketch
 from . import _vectors as vec
 
@@ -28,8 +28,8 @@ class DiagonalResult(NamedTuple):
     stderr: PyTree
     """Its estimated standard error per entry, with the structure of v (zeros when exact; NaN
     when not estimable, from a single stochastic sample)."""
-    num_matvecs: int
-    """The matvecs spent."""
+    num_matvecs: jax.Array
+    """The matvecs spent (an int32 scalar, as in every result)."""
 
 
 def _chunk_stats(op, key, first, size):
@@ -162,7 +162,7 @@ def _diagonal_impl(op, key, *, method, num_matvecs, batch_size):
 
 
 def diagonal(
-    op: Any,
+    op: Operator,
     key: jax.Array,
     *,
     num_matvecs: int,
@@ -263,7 +263,7 @@ def diagonal(
         num_matvecs=m,
         batch_size=batch_size,
     )
-    return DiagonalResult(estimate, stderr, m)
+    return DiagonalResult(estimate, stderr, jnp.asarray(m, jnp.int32))
 
 
 def _exact_impl(op, *, batch_size):
@@ -277,7 +277,7 @@ def _exact_impl(op, *, batch_size):
         masks = [jnp.arange(size, dtype=jnp.int32).reshape(s.shape) == i - offset
                  for size, offset, s in zip(sizes, offsets, jax.tree.leaves(op.struct),
                                             strict=True)]
-        e = tree.unflatten([mask.astype(op.dtype) for mask in masks])
+        e = jax.tree.unflatten(tree, [mask.astype(op.dtype) for mask in masks])
         out = jax.tree.leaves(op.matvec(e))
         return sum(jnp.sum(jnp.where(mask, x, jnp.zeros_like(x)))
                    for mask, x in zip(masks, out, strict=True))
@@ -285,12 +285,12 @@ def _exact_impl(op, *, batch_size):
     d = _sketch.map_probes(op, entry, op.n, batch_size)
     leaves = [d[o : o + size].reshape(s.shape)
               for o, size, s in zip(offsets, sizes, jax.tree.leaves(op.struct), strict=True)]
-    estimate = vec.constrain(op, tree.unflatten(leaves))
+    estimate = vec.constrain(op, jax.tree.unflatten(tree, leaves))
     return op.to_struct(estimate), op.to_struct(jax.tree.map(jnp.zeros_like, estimate))
 
 
 def diagonal_exact(
-    op: Any, *, batch_size: int | None = _sketch.DEFAULT_BATCH, like: PyTree | None = None,
+    op: Operator, *, batch_size: int | None = _sketch.DEFAULT_BATCH, like: PyTree | None = None,
     progress: bool = False,
 ) -> DiagonalResult:
     """Computes diag(A) exactly, A_ii = e_iᵀAe_i, from n matvecs over the unit basis.
@@ -328,4 +328,4 @@ def diagonal_exact(
     struct = _protocol.structure(op, like, api)
     estimate, stderr = _protocol.run(_exact_impl, op, struct, api=api, progress=progress,
                                      budget=_protocol.size(struct), batch_size=batch_size)
-    return DiagonalResult(estimate, stderr, _protocol.size(struct))
+    return DiagonalResult(estimate, stderr, jnp.asarray(_protocol.size(struct), jnp.int32))

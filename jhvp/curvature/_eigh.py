@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 
 from .. import _protocol
-from .._typing import PyTree
+from .._typing import Operator, PyTree
 from . import _checks, _flow, _lanczos
 from . import _vectors as vec
 
-WHICH = ("LA", "SA", "LM")
+Which = Literal["LA", "SA", "LM"]
+EighReortho = Literal["partial", "full"]
+WHICH: tuple[str, ...] = get_args(Which)
 # `converged`'s relative tolerance when `rtol` is None, by the operator's bits: about √ε of
 # float32 and float64 (a Ritz value's error is about residual²/gap, Parlett 1980 Thm 11.7.1,
 # so these give eigenvalues near working precision), and for the 16-bit types just above ε.
@@ -115,7 +117,8 @@ def _differentiable(op: _protocol.TreeOperator) -> tuple[_protocol.TreeOperator,
         bound = list(consts)
         for i, a in zip(hoist, arrays, strict=True):
             bound[i] = a
-        return out_tree.unflatten(jax.core.eval_jaxpr(closed.jaxpr, bound, *jax.tree.leaves(x)))
+        out = jax.core.eval_jaxpr(closed.jaxpr, bound, *jax.tree.leaves(x))
+        return jax.tree.unflatten(out_tree, out)
 
     arrays = tuple(consts[i] for i in hoist)
     frozen_arrays = tuple(jax.lax.stop_gradient(a) for a in arrays)
@@ -176,14 +179,14 @@ def _eigh_impl(op, key, *, k, which, num_matvecs, rtol, reortho):
 
 
 def eigh(
-    op: Any,
+    op: Operator,
     key: jax.Array,
     k: int = 1,
     *,
-    which: str = "LA",
+    which: Which = "LA",
     num_matvecs: int | None = None,
     rtol: float | None = None,
-    reortho: str = "partial",
+    reortho: EighReortho = "partial",
     like: PyTree = None,
     progress: bool = False,
 ) -> EighResult:
@@ -295,7 +298,7 @@ def eigh(
             f"`num_matvecs` = {num_matvecs}; raise num_matvecs (about 4k or more is typical)."
         )
     rtol = _checks.check_positive(rtol, "rtol", api)
-    _checks.check_choice(reortho, ("partial", "full"), "`reortho`", api)
+    _checks.check_choice(reortho, get_args(EighReortho), "`reortho`", api)
     return _protocol.run(
         _eigh_impl, op, struct, key, api=api, progress=progress, budget=num_matvecs, k=k,
         which=which,
@@ -342,7 +345,7 @@ def _power_impl(op, key, *, max_iters, rtol):
 
 
 def power_iteration(
-    op: Any,
+    op: Operator,
     key: jax.Array,
     *,
     max_iters: int = 100,

@@ -60,7 +60,7 @@ class _Compiled:
         self.run = run
 
     def __call__(self, *args: Any) -> Any:
-        return self.out_tree.unflatten(self.run(self.consts, jax.tree.leaves(args)))
+        return jax.tree.unflatten(self.out_tree, self.run(self.consts, jax.tree.leaves(args)))
 
 
 _PROGRAMS: dict = {}  # str(jaxpr), output structure -> its jitted evaluator

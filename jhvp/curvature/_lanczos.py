@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 
 from .. import _protocol
-from .._typing import PyTree
+from .._typing import Operator, PyTree
 from . import _checks, _flow
 from . import _vectors as vec
 
-REORTHO = ("full", "partial", "none")
+Reortho = Literal["full", "partial", "none"]
+REORTHO: tuple[str, ...] = get_args(Reortho)
 _HIGHEST = vec.HIGHEST
 # A second Gram-Schmidt pass runs when the first removed more than 1 - 1/√2 of the norm
 # (Daniel, Gragg, Kaufman & Stewart 1976, the test ARPACK uses): below, one pass is enough.
@@ -111,7 +112,7 @@ def _first_unit(v: PyTree, on: jax.Array) -> PyTree:
     for d in range(first.ndim):
         corner = corner & (jax.lax.broadcasted_iota(jnp.int32, first.shape, d) == 0)
     leaves[0] = first + corner.astype(first.dtype)
-    return tree.unflatten(leaves)
+    return jax.tree.unflatten(tree, leaves)
 
 
 def init(op: _protocol.TreeOperator, v0: PyTree, num_matvecs: int) -> State:
@@ -304,7 +305,7 @@ def _impl(op, v0, *, num_matvecs, reortho):
     return LanczosResult(op.to_struct(out.basis), out.alphas, out.betas, out.steps)
 
 
-def lanczos(op: Any, v0: PyTree, num_matvecs: int, *, reortho: str = "full",
+def lanczos(op: Operator, v0: PyTree, num_matvecs: int, *, reortho: Reortho = "full",
             progress: bool = False) -> LanczosResult:
     """Runs m = num_matvecs Lanczos steps: A Q = Q T + β q_m e_mᵀ with Q orthonormal.
 

@@ -7,13 +7,13 @@ solve, never a backward pass through the iterations.
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 
 from .. import _protocol
-from .._typing import PyTree
+from .._typing import Operator, PyTree
 from . import _checks, _flow
 from . import _vectors as vec
 
@@ -110,7 +110,7 @@ def _solve_impl(op, b, x0, damping, rtol, atol, *, max_steps, stop):
 
 
 def solve(
-    op: Any,
+    op: Operator,
     b: PyTree,
     *,
     damping: float = 0.0,

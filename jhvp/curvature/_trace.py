@@ -7,13 +7,13 @@ does not depend on `batch_size`.
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 
 from .. import _protocol
-from .._typing import PyTree
+from .._typing import Operator, PyTree
 from . import _checks, _sketch
 from . import _vectors as vec
 
@@ -29,8 +29,8 @@ class TraceResult(NamedTuple):
     stderr: jax.Array
     """Its estimated standard error (see `trace` for what it is per method); NaN if not
     estimable (a single stochastic sample)."""
-    num_matvecs: int
-    """The matvecs spent."""
+    num_matvecs: jax.Array
+    """The matvecs spent (an int32 scalar, as in every result)."""
 
 
 def _hutchinson(op, key, m, batch_size):
@@ -150,7 +150,7 @@ def _trace_impl(op, key, *, method, num_matvecs, batch_size):
 
 
 def trace(
-    op: Any,
+    op: Operator,
     key: jax.Array,
     *,
     num_matvecs: int,
@@ -263,4 +263,4 @@ def trace(
         num_matvecs=m,
         batch_size=batch_size,
     )
-    return TraceResult(estimate, stderr, m)
+    return TraceResult(estimate, stderr, jnp.asarray(m, jnp.int32))

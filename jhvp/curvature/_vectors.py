@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
+from jax.typing import ArrayLike
 
 from .._protocol import TreeOperator
 from .._typing import PyTree
@@ -49,7 +50,7 @@ def zeros(op: TreeOperator, lead: tuple[int, ...] = (), dtype: Any = None) -> Py
 
 def _leaf_keys(op: TreeOperator, key: jax.Array) -> PyTree:
     leaves, tree = jax.tree.flatten(op.struct)
-    return tree.unflatten([jax.random.fold_in(key, i) for i in range(len(leaves))])
+    return jax.tree.unflatten(tree, [jax.random.fold_in(key, i) for i in range(len(leaves))])
 
 
 def normal(op: TreeOperator, key: jax.Array, dtype: Any = None) -> PyTree:
@@ -183,7 +184,7 @@ def sub(a: PyTree, b: PyTree) -> PyTree:
     return jax.tree.map(jnp.subtract, a, b)
 
 
-def scale(c: jax.Array, a: PyTree) -> PyTree:
+def scale(c: ArrayLike, a: PyTree) -> PyTree:
     """c·a for a scalar c (cast to each leaf's dtype)."""
     return jax.tree.map(lambda x: jnp.asarray(c, x.dtype) * x, a)
 
