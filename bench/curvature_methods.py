@@ -127,7 +127,7 @@ def _jax(task: str, method: str, case: Case, dtype: str):  # noqa: C901 (one bra
             out = curvature.trace(state[0], key, num_matvecs=TRACE_MATVECS, method=how,
                                   batch_size=TRACE_BATCH)
             return {"trace": float(out.estimate), "stderr": float(out.stderr),
-                    "num_matvecs": out.num_matvecs}
+                    "num_matvecs": int(out.num_matvecs)}
     elif method == "jhvp_density":
         def solve(state):
             # All probes vmapped at once, as matfree's SLQ below runs them (the default,

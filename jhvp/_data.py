@@ -518,8 +518,8 @@ class StreamedOperator(SymmetricOperator):
         raise RuntimeError(
             f"jhvp.{self._api}: the data yielded other batches than when the operator was "
             f"built ({len(self.batch_sizes)} batches of sizes {self.batch_sizes[:8]}...). The "
-            "data must be the same on every pass: turn off shuffling, and `drop_last` changes "
-            "or data augmentation, for curvature."
+            "data must yield batches of the same sizes on every pass: a re-iterable that "
+            "restarts (not a one-shot generator), without random sampling of the batches."
         )
 
     def as_matrix(self) -> jax.Array:
@@ -606,8 +606,9 @@ def _check_deterministic(op: Any, name: str) -> None:
         raise RuntimeError(
             f"{name}: check_deterministic: two applications to the same vector differ by "
             f"{diff:.3g} (largest entry {scale:.3g}). The operator must be the same on every "
-            "pass over the data; the usual causes are data augmentation, shuffling, dropout "
-            "(or other randomness in the loss) and `drop_last` changing the batches."
+            "pass over the data; the usual causes are data augmentation, dropout (or other "
+            "randomness in the loss), and shuffling where the loss depends on how examples are "
+            "grouped (BatchNorm in training mode) or `drop_last` drops other examples."
         )
 
 

@@ -156,7 +156,8 @@ def hessian_operator(
         batch_size_fn: batch -> its number of examples, for streamed batches whose first leaf
             does not have the examples along its leading axis (a dict batch); `data` only.
         check_deterministic: Apply the dataset operator twice at construction and raise if
-            the products differ (shuffling, augmentation, dropout); `data` only.
+            the products differ (augmentation, dropout, or shuffling where the loss depends on
+            how examples are grouped); `data` only.
 
     Returns:
         A `HessianOperator` with `op(v)`, `op @ v`, `op.value`, `op.grad`, `op.aux` (a

@@ -1,6 +1,7 @@
 """The diagonal of an operator: stochastic (Hutchinson / Bekas, XDiag) and exact (unit basis).
 
-Probe i is Rademacher, drawn from `fold_in(key, i)`, so `batch_size` never changes a result.
+Probe i is Rademacher, drawn from `fold_in(key, i)`, so `batch_size` changes a result only by
+rounding (batched and unbatched products round differently).
 """
 
 from __future__ import annotations
@@ -217,8 +218,8 @@ def diagonal(
         key: A `jax.random` key; probe i comes from `jax.random.fold_in(key, i)`.
         num_matvecs: The budget m of matvecs, 1 ≤ m ≤ n.
         method: "hutchinson" or "xdiag".
-        batch_size: Probes applied at once (vmapped): at most 16 by default; None: all at
-            once. Never changes the result.
+        batch_size: Probes applied at once (vmapped): at most 4 by default; None: all at
+            once. Changes the result only by rounding.
         like: A pytree of arrays or `jax.ShapeDtypeStruct` with the structure of v; required
             for a plain callable, else defaults to `op.in_structure()`.
 
@@ -295,13 +296,13 @@ def diagonal_exact(
 ) -> DiagonalResult:
     """Computes diag(A) exactly, A_ii = e_iᵀAe_i, from n matvecs over the unit basis.
 
-    For small n or as a reference: n matvecs, `batch_size` of them at once (16 by default;
+    For small n or as a reference: n matvecs, `batch_size` of them at once (4 by default;
     None: all n, an n × n intermediate).
 
     Args:
         op: A `jhvp.HessianOperator`, another jhvp operator, or a symmetric linear callable
             v -> A v on pytrees (then pass `like`).
-        batch_size: Basis vectors applied at once (vmapped): 16 by default; None: all n.
+        batch_size: Basis vectors applied at once (vmapped): 4 by default; None: all n.
         like: A pytree of arrays or `jax.ShapeDtypeStruct` with the structure of v; required
             for a plain callable, else defaults to `op.in_structure()`.
 

@@ -1,8 +1,8 @@
 """Stochastic trace estimation: Hutchinson, Hutch++ and XTrace, budgets counted in matvecs.
 
 Every method draws Rademacher probe i from `fold_in(key, i)` and applies the operator to its
-vectors in vmapped batches (matrix-matrix products), `batch_size` at a time, so the estimate
-does not depend on `batch_size`.
+vectors in vmapped batches (matrix-matrix products), `batch_size` at a time, so `batch_size`
+changes the estimate only by rounding.
 """
 
 from __future__ import annotations
