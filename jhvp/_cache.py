@@ -324,23 +324,9 @@ class Traced:
         return Traced(self.layout, self._call_leaves, self._treedef, dynamic)
 
     def _differentiated(self) -> list:
-        diff = []
-        for p in self.layout.diff_positions:
-            leaf = self._leaves[p]
-            if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-                self._reject(leaf, p)
-            diff.append(jnp.asarray(leaf) if isinstance(leaf, float) else leaf)
-        return diff
-
-    def _reject(self, leaf: Any, position: int) -> None:
-        """Raises the error for a non-float differentiated leaf, naming its path and the fix."""
-        bounds = self.layout.plan.bounds
-        i = next(i for i in range(len(bounds) - 2) if bounds[i + 1] <= position < bounds[i + 2])
-        _, primals, _ = self.rebuild(self._leaves)
-        paths = jax.tree_util.tree_flatten_with_path(primals[i])[0]
-        where = f"primals[{i}]{jax.tree_util.keystr(paths[position - bounds[i + 1]][0])}"
-        _checks.check_differentiable_leaf(leaf, where, self.api,
-                                          _select.advice(primals[i], position - bounds[i + 1]))
+        check_differentiable(self.layout, self._leaves, self._treedef, self.api)
+        return [jnp.asarray(self._leaves[p]) if isinstance(self._leaves[p], float)
+                else self._leaves[p] for p in self.layout.diff_positions]
 
     def _checked(self, vecs: list, name: str) -> list:
         for p, t in zip(self.diff, vecs, strict=True):
@@ -428,6 +414,21 @@ def run(opts: Options, f: Callable, primals: tuple, body: Callable[[Traced], Any
     return entry.call(leaves, treedef, dynamic, vecs)
 
 
+def check_differentiable(layout: Layout, leaves: list, treedef: Any, api: str) -> None:
+    """Raises for a non-float differentiated leaf, naming its path and the fix."""
+    bounds = layout.plan.bounds
+    for position in layout.diff_positions:
+        leaf = leaves[position]
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            continue
+        i = next(i for i in range(len(bounds) - 2) if bounds[i + 1] <= position < bounds[i + 2])
+        _, primals, _ = jax.tree.unflatten(treedef, leaves)
+        paths = jax.tree_util.tree_flatten_with_path(primals[i])[0]
+        where = f"primals[{i}]{jax.tree_util.keystr(paths[position - bounds[i + 1]][0])}"
+        _checks.check_differentiable_leaf(leaf, where, api,
+                                          _select.advice(primals[i], position - bounds[i + 1]))
+
+
 def _entry(key, plan, roles, leaves, treedef, body, vectors, name) -> Entry:
     # A miss: the vectors' structure is checked before the entry exists, so a bad structure
     # raises on every call.
@@ -436,6 +437,9 @@ def _entry(key, plan, roles, leaves, treedef, body, vectors, name) -> Entry:
     if name is not None:
         found = layout.vector_selection(treedef.children()[2])
         if found is False:  # neither accepted structure
+            # An integer leaf among the differentiated ones explains a mismatch best: tangents
+            # usually leave it out (or hold None there).
+            check_differentiable(layout, leaves, treedef, f"jhvp.{key.api}")
             diff = [leaves[p] for p in layout.diff_positions]
             _checks.check_tangents(layout.unflatten_diff(diff), vectors, name, f"jhvp.{key.api}")
             raise AssertionError("unreachable: check_tangents accepted a bad structure")

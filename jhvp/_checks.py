@@ -121,26 +121,27 @@ def _describe(leaf: Any) -> str:
 def check_tangents(primals: Any, tangents: Any, name: str, api: str) -> None:
     """Raises ValueError unless `tangents` has the tree structure and leaf shapes of `primals`.
 
-    The message names the first mismatching leaf by its key path and shows both sides.
+    The message names the first missing or unexpected leaf by its key path and shows both
+    structures.
     """
     p_leaves, p_tree = jax.tree_util.tree_flatten_with_path(primals)
     t_leaves, t_tree = jax.tree_util.tree_flatten_with_path(tangents)
     if p_tree != t_tree:  # type: ignore[operator]  # JAX gap: PyTreeDef is an untyped alias
-        for (pp, pl), (tp, tl) in zip(p_leaves, t_leaves, strict=False):
-            if pp != tp:
-                raise ValueError(
-                    f"{api}: `{name}` must have the tree structure of the differentiated "
-                    f"primals (the gradient's structure). The first mismatching leaf: expected "
-                    f"{name}{jax.tree_util.keystr(pp)} with {_describe(pl)}, got "
-                    f"{name}{jax.tree_util.keystr(tp)} with {_describe(tl)}.\n"
-                    f"Expected structure: {p_tree}\nGot structure:      {t_tree}"
-                )
-        if len(p_leaves) > len(t_leaves):
-            pp, pl = p_leaves[len(t_leaves)]
-            detail = f"{name}{jax.tree_util.keystr(pp)} with {_describe(pl)} is missing"
-        elif len(t_leaves) > len(p_leaves):
-            tp, tl = t_leaves[len(p_leaves)]
-            detail = f"{name}{jax.tree_util.keystr(tp)} with {_describe(tl)} is not expected"
+        # Leaves are matched by key path, so one missing leaf is named as missing rather than
+        # pairing every later leaf with the wrong one.
+        p_paths = {jax.tree_util.keystr(path) for path, _ in p_leaves}
+        t_paths = {jax.tree_util.keystr(path) for path, _ in t_leaves}
+        missing = [(path, leaf) for path, leaf in p_leaves
+                   if jax.tree_util.keystr(path) not in t_paths]
+        extra = [(path, leaf) for path, leaf in t_leaves
+                 if jax.tree_util.keystr(path) not in p_paths]
+        if missing:
+            path, leaf = missing[0]
+            detail = (f"{name}{jax.tree_util.keystr(path)} with {_describe(leaf)} is missing "
+                      "(or None)")
+        elif extra:
+            path, leaf = extra[0]
+            detail = f"{name}{jax.tree_util.keystr(path)} with {_describe(leaf)} is not expected"
         else:
             detail = "the leaves match but the containers differ (e.g. a list for a tuple)"
         raise ValueError(
