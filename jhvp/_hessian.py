@@ -122,16 +122,16 @@ def hessian_operator(
     pass over their stored residuals. Memory: the residuals of one reverse pass, kept alive as
     long as the operator is.
 
-    Stored residuals pay off where f is compute-bound (matrix products: an application costs
-    about 0.75x a fresh `hvp` on an MLP). Where f is memory-bound (elementwise maths such as
-    Rosenbrock), reading several residual arrays costs more than recomputing them from the
-    primals, measured up to 4x slower. With `strategy="auto"` the operator asks XLA's cost model
-    (flops and bytes of both compiled programs, once per input shape) which is cheaper and, for
-    memory-bound f, keeps only the primals and runs a fresh forward-over-reverse pass per
-    application. The cost model counts arithmetic and memory traffic, not kernel launches: on a
-    GPU, problems small enough that a call is mostly launch overhead were measured up to 1.4x
-    slower with stored residuals (an H100: a 500-parameter logistic regression, a 49k-parameter
-    transformer block, in jhvp's GPU benchmark), so pass `strategy="recompute"` there.
+    Stored residuals pay off where f is compute-bound (matrix products: an application costs about
+    0.75x a fresh `hvp` on an MLP). Where f is memory-bound (elementwise maths such as Rosenbrock),
+    reading several residual arrays costs more than recomputing them from the primals (3.2x a fresh
+    `hvp` at 10⁶ elements in the committed run). With `strategy="auto"` the operator asks XLA's cost
+    model (flops and bytes of both compiled programs, once per input shape) which is cheaper and,
+    for memory-bound f, keeps only the primals and runs a fresh forward-over-reverse pass per
+    application. The cost model counts arithmetic and memory traffic, not kernel launches: on a GPU,
+    problems small enough that a call is mostly launch overhead were measured up to 1.4x slower with
+    stored residuals (an H100: a 500-parameter logistic regression, a 49k-parameter transformer
+    block, in jhvp's GPU benchmark), so pass `strategy="recompute"` there.
 
     Args:
         f: A function returning a real scalar (or `(scalar, aux)` with `has_aux=True`).
@@ -139,7 +139,8 @@ def hessian_operator(
         argnums: Which arguments are differentiated, as in `jax.grad`.
         has_aux: Whether f returns `(scalar, aux)`; aux is kept as `op.aux`.
         strategy: "auto" (default; see above), "linearize" (always store the residuals) or
-            "recompute" (store the primals, recompute per application).
+            "recompute" (store the primals, recompute per application); one batch only (with
+            `data` every application recomputes, and another strategy is an error).
         wrt: Which leaves are differentiated, as in `hvp` (NNX modules: `nnx.Param` only by
             default); the operator then acts on those leaves only (a Hessian block).
         data: A dataset: the operator is then the Hessian of the loss over all its batches,
@@ -185,6 +186,12 @@ def hessian_operator(
     _data.check_options(data, api, primals, reduction=reduction, batch_size_fn=batch_size_fn,
                         check_deterministic=check_deterministic, has_aux=has_aux)
     if data is not None:
+        if strategy != "auto":
+            raise TypeError(
+                f"jhvp.{api}: `strategy` applies to an operator of one batch; with `data`, "
+                f"each application recomputes every batch's product (nothing is stored), so "
+                f"strategy={strategy!r} cannot be honoured. Leave `strategy` at its default."
+            )
         _checks.check_callable(f, f"jhvp.{api}")
         return _data.operator("hessian", api, (f,), (), primals, argnums, wrt, data, reduction,
                               batch_size_fn, check_deterministic)

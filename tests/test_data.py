@@ -295,6 +295,9 @@ def test_bad_streamed_data_is_rejected_with_the_reason(data, error, message):
     (lambda: jhvp.hessian_operator(LOSS, (PARAMS,), data=jhvp.batches(X, Y, batch_size=4),
                                    batch_size_fn=len), TypeError,
      r"`batch_size_fn` is for streamed batches"),
+    (lambda: jhvp.hessian_operator(LOSS, (PARAMS,), data=jhvp.batches(X, Y, batch_size=4),
+                                   strategy="linearize"), TypeError,
+     r"`strategy` applies to an operator of one batch; with `data`"),
 ])
 def test_bad_dataset_arguments_are_rejected_with_the_reason(call, error, message):
     with pytest.raises(error, match=message):

@@ -184,8 +184,8 @@ def spectral_density(
             inexact. The result's `sigma` holds the width used; `SpectralDensity.smooth`
             re-smooths with another at no operator cost.
         batch_size: Probes run at once (vmapped), each holding its own Lanczos basis:
-            default 1 (one basis alive at a time); None runs all together. Any value gives
-            the same result.
+            default 1 (one basis alive at a time); None runs all together. It changes the
+            result only by rounding.
         like: A pytree of arrays or `jax.ShapeDtypeStruct` with the structure of v; needed for
             a plain callable `op`.
 

@@ -30,7 +30,7 @@ class DiagonalResult(NamedTuple):
     """Its estimated standard error per entry, with the structure of v (zeros when exact; NaN
     when not estimable, from a single stochastic sample)."""
     num_matvecs: jax.Array
-    """The matvecs spent (an int32 scalar, as in every result)."""
+    """The matvecs spent (an int32 scalar, as `EighResult.num_matvecs`)."""
 
 
 def _chunk_stats(op, key, first, size):

@@ -30,7 +30,7 @@ class TraceResult(NamedTuple):
     """Its estimated standard error (see `trace` for what it is per method); NaN if not
     estimable (a single stochastic sample)."""
     num_matvecs: jax.Array
-    """The matvecs spent (an int32 scalar, as in every result)."""
+    """The matvecs spent (an int32 scalar, as `EighResult.num_matvecs`)."""
 
 
 def _hutchinson(op, key, m, batch_size):
@@ -207,7 +207,8 @@ def trace(
     the leave-one-out and jackknife projectors.
 
     Probe i is drawn from `jax.random.fold_in(key, i)`, so `batch_size` (how many probes the
-    operator sees at once: None = all) changes memory and speed, never the result. The whole
+    operator sees at once: None = all) changes memory and speed, and the result only by
+    rounding (batched and unbatched products round differently). The whole
     estimate is one jitted program, the operator's arrays passed in as arguments.
 
     Args:
