@@ -30,8 +30,8 @@ class Operator(Protocol):
         >>> import jax.numpy as jnp, jhvp
         >>> A = jnp.diag(jnp.array([1.0, 2.0, 3.0]))
         >>> op: jhvp.Operator = lambda v: A @ v
-        >>> jhvp.curvature.diagonal_exact(op, like=jnp.zeros(3)).estimate
-        Array([1., 2., 3.], dtype=float32)
+        >>> print(jhvp.curvature.diagonal_exact(op, like=jnp.zeros(3)).estimate)
+        [1. 2. 3.]
     """
 
     def __call__(self, v: PyTree, /) -> PyTree:
