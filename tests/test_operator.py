@@ -113,3 +113,25 @@ def test_auto_picks_recompute_for_elementwise_and_linearize_for_matmul():
     f, primals = mlp_problem(sizes=(64, 128, 128, 8), batch=64)
     op = jhvp.hessian_operator(f, primals)
     assert op._apply.func.__name__ == "_apply_linearized"
+
+
+@pytest.mark.parametrize("problem", ["rosenbrock", "mlp"])
+def test_cost_model_reads_the_same_flops_and_bytes_as_a_default_compilation(problem):
+    # The "auto" choice compiles both candidate programs for their cost only, with cheaper
+    # code generation on the CPU: the flops and bytes it reads must be those of the program
+    # XLA compiles with its default options.
+    from jhvp import _strategy
+
+    if problem == "rosenbrock":
+        f, primals = rosenbrock, (jnp.ones(100_000, DTYPE),)
+    else:
+        f, primals = mlp_problem(sizes=(64, 128, 128, 8), batch=64)
+    grad = jax.grad(f)
+    x = primals[0]
+
+    def fresh(x, v):
+        return jax.jvp(lambda y: grad(y, *primals[1:]), (x,), (v,))[1]
+
+    default = jax.jit(fresh).lower(x, x).compile().cost_analysis()
+    expected = default["flops"] / _strategy._FLOPS_PER_BYTE + default["bytes accessed"]
+    assert _strategy.estimated_cost(fresh, x, x) == pytest.approx(expected, rel=1e-12)
