@@ -32,15 +32,22 @@ def true_residuals(out, A):
 # ---- (4) a repeated eigenvalue under rtol --------------------------------------------------------
 
 
-def test_rtol_waits_for_every_copy_of_a_repeated_eigenvalue():
+@pytest.mark.parametrize("seed", range(8))
+def test_rtol_waits_for_every_copy_of_a_repeated_eigenvalue(seed):
     # Five eigenvalues, 20 copies each: every Krylov block spans one copy of each and breaks
     # down after 5 steps; the restarted block's copies of 10 converge in a few steps, and a
-    # residual test that stops then returns [10, 10, 10, 4, ...] (numpy: [10] * 6).
+    # residual test that stops then returns [10, 10, 10, 4, ...] (numpy: [10] * 6). In
+    # float32 many keys end some blocks in a near-breakdown (β ≈ 1e-5‖T‖, above the restart
+    # threshold) that the iteration runs through. Tested with key 0 alone, a stop test that
+    # waited on restarts only, and only for a block's length, passed, and returned
+    # [10, 10, 10, 10, 4, 4] for keys 1, 2, 7, 9 and 10 and [10, 10, 10, 4, 4, 3] for keys 3,
+    # 6, 8 and 11, all flagged converged.
     ev = np.repeat([10.0, 4.0, 3.0, 2.0, 1.0], 20)
     A = sym_matrix(ev)
     Aj = jnp.asarray(A, DTYPE)
     rtol = 1e-3
-    out = eigh(lambda v: Aj @ v, KEY, 6, rtol=rtol, like=jnp.ones(100, DTYPE))
+    key = KEY if seed == 0 else jax.random.key(seed)
+    out = eigh(lambda v: Aj @ v, key, 6, rtol=rtol, like=jnp.ones(100, DTYPE))
     # The default budget, 32 matvecs, holds six blocks of 5: room for six copies.
     assert bool(jnp.all(out.converged))
     # Kahan: an eigenvalue lies within the residual of each Ritz value, and the stop test

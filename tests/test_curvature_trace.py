@@ -104,6 +104,35 @@ def test_probe_i_depends_only_on_fold_in_key_i():
     np.testing.assert_allclose(float(short.estimate), expect, rtol=1e-10 if X64 else 1e-5)
 
 
+@pytest.mark.parametrize("one_program", [True, False])
+def test_probe_leaves_are_the_bits_of_their_fold_in_keys(one_program, monkeypatch):
+    # Probe i, leaf l: sign j of a row is bit j % 32 of word j // 32 of
+    # jax.random.bits(fold_in(fold_in(key, i), l)) over the row's words. On one device all
+    # leaves' words come from one threefry call (`_one_program_words`); the per-leaf draws
+    # (several devices) must give the same signs. Reference: numpy, from jax.random.bits.
+    from jhvp import _protocol
+    from jhvp.curvature import _vectors
+
+    if not one_program:
+        monkeypatch.setattr(_vectors, "_one_program_words", lambda keys, shapes: None)
+    shapes = {"a": (), "b": (3,), "c": (5, 40), "d": (2, 3, 33), "e": (70,)}
+    struct = {k: jax.ShapeDtypeStruct(v, DTYPE) for k, v in shapes.items()}
+    n = sum(int(np.prod(v)) for v in shapes.values())
+    op = _protocol.TreeOperator(None, struct, n, jnp.dtype(DTYPE))
+    key = jax.random.key(7)
+    got = jax.jit(jax.vmap(lambda i: _vectors.rademacher(op, key, i)))(jnp.arange(3))
+    for i in range(3):
+        probe_key = jax.random.fold_in(key, i)
+        for leaf, (name, shape) in enumerate(sorted(shapes.items())):
+            full = shape if shape else (1,)
+            words = np.asarray(jax.random.bits(jax.random.fold_in(probe_key, leaf),
+                                               (*full[:-1], -(-full[-1] // 32)), jnp.uint32))
+            j = np.arange(full[-1])
+            bit = (words[..., j // 32] >> (j % 32).astype(np.uint32)) & np.uint32(1)
+            expect = (1.0 - 2.0 * bit).reshape(shape)
+            np.testing.assert_array_equal(np.asarray(got[name][i], np.float64), expect)
+
+
 @pytest.mark.parametrize("kappa", [1.0, 1e3, 1e6, 1e12])
 def test_range_basis_is_orthonormal_and_spans_the_sketch(kappa):
     # Gram-Schmidt on the stack, then the SVD of R: the kept basis is orthonormal to working

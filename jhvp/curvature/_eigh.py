@@ -164,9 +164,20 @@ def _eigh_impl(op, key, *, k, which, num_matvecs, rtol, reortho):
             # as long as the last: its random start sees what is left of A's spectrum in the
             # complement, a subset of what the last block saw, and the Kaniel-Paige-Saad
             # bounds (Saad 2011, 6.6) depend on that spectrum, so its copies of the wanted
-            # eigenvalues have then had the chance the last block's had.
-            explored = state.steps - state.block_start >= state.block_len
-            return (state.steps >= k) & explored & jnp.all(_select(state, k, which, tol).ok)
+            # eigenvalues have then had the chance the last block's had. Running as long is
+            # not enough: the new block may have found a copy and left more for the next one.
+            # So the test also waits until the wanted pairs owe nothing to the current block
+            # (their Ritz vectors' weight on its rows counts the wanted eigenvalues it
+            # supplied; a copy tied with older ones mixes across blocks, but the cluster's
+            # weight there stays one per copy). Blocks here are segments: near-breakdowns
+            # the iteration runs through count (`_lanczos.State.seg_start`).
+            explored = state.steps - state.seg_start >= state.seg_len
+            pairs = _select(state, k, which, tol)
+            rows = jnp.arange(num_matvecs, dtype=state.steps.dtype)
+            current = (rows >= state.seg_start) & (rows < state.steps)
+            supplied = jnp.sum(jnp.where(current[:, None], pairs.S * pairs.S, 0))
+            owed = (state.seg_start > 0) & (supplied > 0.5)
+            return (state.steps >= k) & explored & jnp.all(pairs.ok) & ~owed
 
     state = _lanczos.run(
         frozen, v0, num_matvecs, reortho=reortho, restart_key=jax.random.fold_in(key, 1),
@@ -244,8 +255,9 @@ def eigh(
             min(n, max(4k, 32)). With `rtol`, the cap.
         rtol: Stop early, once the k wanted pairs pass `converged`'s test with this tolerance
             (see `EighResult.converged`; checked every max(2, num_matvecs // 8) steps) and,
-            after a restart, once the new Krylov block has run as many steps as the one before
-            it (so copies of a repeated eigenvalue get their chance); default None runs all
+            after a restart or a near-breakdown (β ≤ √ε‖T‖), once the new Krylov block has
+            run as many steps as the one before it and supplies none of the wanted pairs (so
+            the copies of a repeated eigenvalue get their chance); default None runs all
             num_matvecs steps. `converged` uses it too.
         reortho: "partial" (default: eigenvectors orthogonal to about √ε) or "full"
             (orthogonal to working precision, a reorthogonalisation every step); see

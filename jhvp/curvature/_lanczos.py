@@ -64,6 +64,8 @@ class State(NamedTuple):
     defect: jax.Array  # (m,) the norm of column j of F = A Q - Q T - β q_m e_mᵀ that T does
     #                     not hold (a coupling a restart set to 0, coefficients a
     #                     reorthogonalisation discarded); residual estimates need it
+    seg_start: jax.Array  # () int32: like block_start, near-breakdowns (β ≤ √ε‖T‖) counted
+    seg_len: jax.Array  # () int32: the length of the segment before it (0 before any)
 
 
 def _project_out(basis: PyTree, w: PyTree, dtype: Any) -> tuple[PyTree, jax.Array]:
@@ -80,17 +82,38 @@ def orthogonalise(basis: PyTree, w: PyTree, eps: jax.Array) -> tuple[PyTree, jax
     # ‖c‖ > √ε‖w‖, so the result is orthogonal to working precision either way.
     # Each pass reads the whole basis twice: the memory traffic of a reorthogonalisation.
     # `eps` is the basis' (storage) precision: a rounded basis is orthogonal to that only.
+    # The passes run in a two-step loop, the second only where the first asks for it: the
+    # compiled program holds one pass (a few kernels per leaf; compilation is most of a
+    # first call).
     dtype = eps.dtype
-    w1, c1 = _project_out(basis, w, dtype)
-    norm1 = vec.norm(w1, dtype)
+    norm0 = vec.norm(w, dtype)
     sqrt_eps = jnp.sqrt(eps)
-    again = (norm1 < _DGKS * vec.norm(w, dtype)) | (jnp.linalg.norm(c1) > sqrt_eps * norm1)
+    m = jax.tree.leaves(basis)[0].shape[0]
 
-    def second(w1):
-        w2, c2 = _project_out(basis, w1, dtype)
-        return w2, c1 + c2
+    def one_pass(i, carry):
+        def project(carry):
+            w, c, _ = carry
+            w1, c1 = _project_out(basis, w, dtype)
+            norm1 = vec.norm(w1, dtype)
+            again = (norm1 < _DGKS * norm0) | (jnp.linalg.norm(c1) > sqrt_eps * norm1)
+            return w1, c + c1, again & (i == 0)
 
-    return jax.lax.cond(again, second, lambda w1: (w1, c1), w1)
+        return jax.lax.cond(carry[2], project, lambda carry: carry, carry)
+
+    w, c, _ = jax.lax.fori_loop(0, 2, one_pass, (w, jnp.zeros(m, dtype), jnp.ones((), bool)))
+    return w, c
+
+
+def orthogonalise_twice(basis: PyTree, w: PyTree, eps: jax.Array) -> PyTree:
+    """W orthogonalised against the stack twice over: a random or rounding-only vector.
+
+    A vector that starts (nearly) in the basis' span, or is drawn at random against a long
+    basis, keeps a component along it after one DGKS-checked `orthogonalise`; the second makes
+    it orthogonal to working precision. The two run as a two-step loop, so the compiled program
+    holds the passes once (each is a few kernels per leaf, and compilation is most of a first
+    call).
+    """
+    return jax.lax.fori_loop(0, 2, lambda _, u: orthogonalise(basis, u, eps)[0], w)
 
 
 def normalise(v: PyTree, dtype: Any) -> tuple[PyTree, jax.Array]:
@@ -125,7 +148,7 @@ def init(op: _protocol.TreeOperator, v0: PyTree, num_matvecs: int) -> State:
     zeros = jnp.zeros(num_matvecs, cdt)
     false, zero = jnp.zeros((), bool), jnp.zeros((), jnp.int32)
     return State(basis, zeros, zeros, zero, false, jnp.zeros((), cdt), zeros.at[0].set(1),
-                 zeros, false, zero, zero, zero, zeros)
+                 zeros, false, zero, zero, zero, zeros, zero, zero)
 
 
 def _omega(state: State, alpha: jax.Array, beta: jax.Array, scale: jax.Array,
@@ -221,9 +244,7 @@ def step(op: _protocol.TreeOperator, state: State, reortho: str,
 
         def fresh(_):
             r = vec.normal(op, jax.random.fold_in(restart_key, j + 1), dtype)
-            r, _ = orthogonalise(basis, r, eps)
-            r, _ = orthogonalise(basis, r, eps)
-            return normalise(r, dtype)[0]
+            return normalise(orthogonalise_twice(basis, r, eps), dtype)[0]
 
         # A random vector orthogonal to the basis continues the iteration in a new Krylov
         # space; T decouples (beta = 0), and its Ritz pairs stay those of A on span(Q).
@@ -238,6 +259,14 @@ def step(op: _protocol.TreeOperator, state: State, reortho: str,
     # waits that long before it trusts a stop test again.
     block_start = jnp.where(restart, j + 1, state.block_start)
     block_len = jnp.where(restart, j + 1 - state.block_start, state.block_len)
+    # The same for a near-breakdown the iteration runs through: above ε^(3/4)‖T‖ and below
+    # √ε‖T‖ the next vector is mostly rounding, a random restart in all but name, and meets
+    # the next copies of a repeated eigenvalue as a restarted block would (the repeated
+    # eigenvalues of the trust tests end their blocks at β ≈ 1e-5‖T‖ in float32). `eigh`'s
+    # stop test waits on these segments; nothing else reads them.
+    near = (beta <= jnp.sqrt(eps) * scale) & ~last
+    seg_start = jnp.where(near, j + 1, state.seg_start)
+    seg_len = jnp.where(near, j + 1 - state.seg_start, state.seg_len)
     # Column j of A Q - Q T - β q_m e_mᵀ: the coupling a restart dropped plus the coefficients
     # a reorthogonalisation discarded (a bound: the first is orthogonal to the basis, the
     # second in its span).
@@ -255,7 +284,8 @@ def step(op: _protocol.TreeOperator, state: State, reortho: str,
     basis = vec.set_row(basis, row, vec.where(last, vec.row(basis, row), vec.astype(w, store)))
     return State(basis, alphas.at[j].set(alpha), betas.at[j].set(beta), j + 1, done, scale,
                 omega, state.omega, need & ~state.force & (reortho == "partial"),
-                state.reorthos + need.astype(jnp.int32), block_start, block_len, defect)
+                state.reorthos + need.astype(jnp.int32), block_start, block_len, defect,
+                 seg_start, seg_len)
 
 
 def run(

@@ -148,9 +148,7 @@ def _qr(y: PyTree) -> tuple[PyTree, jax.Array]:
         unit, norm = _lanczos.normalise(w, dtype)
 
         def again(u):
-            u, _ = _lanczos.orthogonalise(q, u, eps)
-            u, _ = _lanczos.orthogonalise(q, u, eps)
-            return _lanczos.normalise(u, dtype)[0]
+            return _lanczos.normalise(_lanczos.orthogonalise_twice(q, u, eps), dtype)[0]
 
         small = norm <= jnp.sqrt(eps) * vec.norm(col, dtype)
         unit = jax.lax.cond(small & (norm > 0), again, lambda u: u, unit)

@@ -15,7 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.extend.random
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
@@ -48,9 +50,15 @@ def zeros(op: TreeOperator, lead: tuple[int, ...] = (), dtype: Any = None) -> Py
     return constrain(op, tree, len(lead))
 
 
+def _leaf_key_list(op: TreeOperator, key: jax.Array) -> list[jax.Array]:
+    """Leaf l's key, `fold_in(key, l)`, for every leaf: one vmapped fold_in, the same keys."""
+    count = len(jax.tree.leaves(op.struct))
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(count, dtype=jnp.uint32))
+    return [keys[i] for i in range(count)]
+
+
 def _leaf_keys(op: TreeOperator, key: jax.Array) -> PyTree:
-    leaves, tree = jax.tree.flatten(op.struct)
-    return jax.tree.unflatten(tree, [jax.random.fold_in(key, i) for i in range(len(leaves))])
+    return jax.tree.unflatten(jax.tree.structure(op.struct), _leaf_key_list(op, key))
 
 
 def normal(op: TreeOperator, key: jax.Array, dtype: Any = None) -> PyTree:
@@ -61,7 +69,46 @@ def normal(op: TreeOperator, key: jax.Array, dtype: Any = None) -> PyTree:
     return constrain(op, tree)
 
 
-def _signs(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+def _word_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    full = shape if shape else (1,)
+    return (*full[:-1], -(-full[-1] // 32))
+
+
+def _one_program_words(keys: list[jax.Array], shapes: list[tuple[int, ...]]) -> list | None:
+    """`jax.random.bits(keys[l], _word_shape(shapes[l]))` for every l, in one threefry call.
+
+    Per leaf, each draw is a loop of its own in the compiled program (compilation is most of
+    a first call). With JAX's default partitionable threefry, word w of a draw is the threefry
+    hash of the counter w (below 2³²) under its key, so all leaves' words come from one hash
+    of their concatenation, each with its leaf's key: the same bits (a test compares them).
+    Only on one device (a concatenation would be replicated across devices) and for threefry
+    keys; None where that does not hold.
+    """
+    key = keys[0]
+    if (jax.device_count() != 1 or not getattr(jax.config, "jax_threefry_partitionable", False)
+            or not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+            or str(jax.random.key_impl(key)) != "threefry2x32"):
+        return None
+    words = [_word_shape(s) for s in shapes]
+    sizes = [int(np.prod(w, dtype=np.int64)) for w in words]
+    starts = np.cumsum([0, *sizes[:-1]])
+    total = int(sum(sizes))
+    if total >= 2**31:
+        return None
+    data = jnp.stack([jax.random.key_data(k) for k in keys])  # (L, 2)
+    index = jax.lax.iota(jnp.int32, total)
+    owner = jnp.zeros(total, jnp.int32)
+    for start in starts[1:]:
+        owner = owner + (index >= jnp.int32(start)).astype(jnp.int32)
+    counter = (index - jnp.asarray(starts, jnp.int32)[owner]).astype(jnp.uint32)
+    k1, k2 = data[owner, 0], data[owner, 1]
+    b1, b2 = jax.extend.random.threefry2x32_p.bind(k1, k2, jnp.zeros_like(counter), counter)
+    flat = b1 ^ b2
+    return [flat[int(a):int(a) + n].reshape(w)
+            for a, n, w in zip(starts, sizes, words, strict=True)]
+
+
+def _signs(bits: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     # One random 32-bit word gives 32 signs: 32x fewer random bits than
     # `jax.random.rademacher`, measured 11x slower for 99 probes of size 1e4. The words are
     # split into bytes and unpacked there, so what XLA may hold between unpacking and use is
@@ -69,8 +116,7 @@ def _signs(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     # probe in flight). The words run along the last axis, so the leading axes (where
     # parameters are usually sharded) stay.
     full = shape if shape else (1,)
-    words = -(-full[-1] // 32)
-    bits = jax.random.bits(key, (*full[:-1], words), jnp.uint32)
+    words = bits.shape[-1]
     octets = jax.lax.bitcast_convert_type(bits, jnp.uint8)  # (..., words, 4)
     shifts = jnp.arange(8, dtype=jnp.uint8).reshape((1,) * (len(full) + 1) + (8,))
     unpacked = (octets[..., None] >> shifts) & jnp.uint8(1)  # (..., words, 4, 8)
@@ -84,9 +130,15 @@ def rademacher(op: TreeOperator, key: jax.Array, i: Any, dtype: Any = None) -> P
     A function of `key` and `i` alone, so how probes are batched never changes them.
     """
     dtype = op.dtype if dtype is None else dtype
-    tree = jax.tree.map(lambda k, s: _signs(k, s.shape, dtype),
-                        _leaf_keys(op, jax.random.fold_in(key, i)), op.struct)
-    return constrain(op, tree)
+    leaves, tree = jax.tree.flatten(op.struct)
+    shapes = [tuple(s.shape) for s in leaves]
+    keys = _leaf_key_list(op, jax.random.fold_in(key, i))
+    words = _one_program_words(keys, shapes)
+    if words is None:
+        words = [jax.random.bits(k, _word_shape(s), jnp.uint32)
+                 for k, s in zip(keys, shapes, strict=True)]
+    signs = [_signs(w, s, dtype) for w, s in zip(words, shapes, strict=True)]
+    return constrain(op, jax.tree.unflatten(tree, signs))
 
 
 def _sum(parts: list, out: Any) -> jax.Array:
