@@ -2,10 +2,12 @@
 
 A vector is a pytree with the structure of the operator's input (`_protocol.TreeOperator`), all
 leaves in its dtype; a *stack* of vectors (a Lanczos basis, a batch of probes, a sketch) is the
-same pytree with leading axes on every leaf. Nothing is ever concatenated into one flat array:
-a leaf keeps its shape, and so the sharding the parameters give it. Dot products, Gram matrices
-and linear combinations run leaf by leaf and sum the leaves' contributions, and XLA inserts the
-reductions across devices; only the small results (scalars, s × s matrices) are replicated.
+same pytree with leading axes on every leaf. No vector is ever concatenated into one flat
+array: a leaf keeps its shape, and so the sharding the parameters give it (on one device, a
+probe's random words, 1/32 of a vector, are drawn concatenated: `_one_program_words`). Dot
+products, Gram matrices and linear combinations run leaf by leaf and sum the leaves'
+contributions, and XLA inserts the reductions across devices; only the small results (scalars,
+s × s matrices) are replicated.
 New vectors (zeros, random starts, probes) are laid out with the structure's shardings where
 they are known (`_protocol.named_sharding`); inside a user's `jax.jit` XLA propagates them.
 """
