@@ -60,7 +60,6 @@ class State(NamedTuple):
     force: jax.Array  # () bool: reorthogonalise the next vector (the second of a pair)
     reorthos: jax.Array  # () int32: steps that reorthogonalised against the basis
     block_start: jax.Array  # () int32: the row where the current Krylov block began
-    block_len: jax.Array  # () int32: the length of the block before it (0 before any restart)
     defect: jax.Array  # (m,) the norm of column j of F = A Q - Q T - β q_m e_mᵀ that T does
     #                     not hold (a coupling a restart set to 0, coefficients a
     #                     reorthogonalisation discarded); residual estimates need it
@@ -148,7 +147,7 @@ def init(op: _protocol.TreeOperator, v0: PyTree, num_matvecs: int) -> State:
     zeros = jnp.zeros(num_matvecs, cdt)
     false, zero = jnp.zeros((), bool), jnp.zeros((), jnp.int32)
     return State(basis, zeros, zeros, zero, false, jnp.zeros((), cdt), zeros.at[0].set(1),
-                 zeros, false, zero, zero, zero, zeros, zero, zero)
+                 zeros, false, zero, zero, zeros, zero, zero)
 
 
 def _omega(state: State, alpha: jax.Array, beta: jax.Array, scale: jax.Array,
@@ -254,16 +253,15 @@ def step(op: _protocol.TreeOperator, state: State, reortho: str,
         w = vec.where(broken, vec.scale(0.0, w), w)
         done = state.done | (broken & ~last)
     restart = broken & ~last & (restart_key is not None)
-    # Where the new block starts, and how long the finished one ran: the new block explores
-    # the complement and first meets other copies of what the last one found, so `eigh`
-    # waits that long before it trusts a stop test again.
+    # Where the new block starts (partial reorthogonalisation reads it, above).
     block_start = jnp.where(restart, j + 1, state.block_start)
-    block_len = jnp.where(restart, j + 1 - state.block_start, state.block_len)
-    # The same for a near-breakdown the iteration runs through: above ε^(3/4)‖T‖ and below
-    # √ε‖T‖ the next vector is mostly rounding, a random restart in all but name, and meets
-    # the next copies of a repeated eigenvalue as a restarted block would (the repeated
-    # eigenvalues of the trust tests end their blocks at β ≈ 1e-5‖T‖ in float32). `eigh`'s
-    # stop test waits on these segments; nothing else reads them.
+    # Segments: blocks, and also what follows a near-breakdown the iteration runs through
+    # (above ε^(3/4)‖T‖ and below √ε‖T‖ the next vector is mostly rounding, a random restart
+    # in all but name, and meets the next copies of a repeated eigenvalue as a restarted block
+    # would: the repeated eigenvalues of the trust tests end their blocks at β ≈ 1e-5‖T‖ in
+    # float32). Where the current one starts and how long the last ran: the new segment
+    # explores the complement and first meets other copies of what the last one found, so
+    # `eigh`'s stop test waits that long; nothing else reads them.
     near = (beta <= jnp.sqrt(eps) * scale) & ~last
     seg_start = jnp.where(near, j + 1, state.seg_start)
     seg_len = jnp.where(near, j + 1 - state.seg_start, state.seg_len)
@@ -284,8 +282,8 @@ def step(op: _protocol.TreeOperator, state: State, reortho: str,
     basis = vec.set_row(basis, row, vec.where(last, vec.row(basis, row), vec.astype(w, store)))
     return State(basis, alphas.at[j].set(alpha), betas.at[j].set(beta), j + 1, done, scale,
                 omega, state.omega, need & ~state.force & (reortho == "partial"),
-                state.reorthos + need.astype(jnp.int32), block_start, block_len, defect,
-                 seg_start, seg_len)
+                state.reorthos + need.astype(jnp.int32), block_start, defect, seg_start,
+                 seg_len)
 
 
 def run(
