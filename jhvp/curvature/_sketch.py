@@ -9,6 +9,7 @@ maths runs in `work_dtype` (float32 for 16-bit operators).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -144,14 +145,25 @@ def _qr(y: PyTree) -> tuple[PyTree, jax.Array]:
     def body(j, carry):
         q, r = carry
         col = vec.row(y, j)
-        w, c = _lanczos.orthogonalise(q, col, eps)
-        unit, norm = _lanczos.normalise(w, dtype)
+        small_below = jnp.sqrt(eps) * vec.norm(col, dtype)
 
-        def again(u):
-            return _lanczos.normalise(_lanczos.orthogonalise_twice(q, u, eps), dtype)[0]
+        # Pass 0 orthogonalises the column and gives R's column; passes 1 and 2 run only when
+        # it left rounding behind (norm ≤ √ε‖col‖, not 0), on the normalised remainder. One
+        # loop, so the program holds one orthogonalisation (compilation is most of a first
+        # call).
+        def one_pass(i, carry):
+            unit, c, norm = carry
+            w, c_i = _lanczos.orthogonalise(q, unit, eps)
+            unit, n = _lanczos.normalise(w, dtype)
+            first = i == 0
+            return unit, jnp.where(first, c_i, c), jnp.where(first, n, norm)
 
-        small = norm <= jnp.sqrt(eps) * vec.norm(col, dtype)
-        unit = jax.lax.cond(small & (norm > 0), again, lambda u: u, unit)
+        def maybe(i, carry):
+            run = (i == 0) | ((carry[2] <= small_below) & (carry[2] > 0))
+            return jax.lax.cond(run, functools.partial(one_pass, i), lambda c: c, carry)
+
+        unit, c, norm = jax.lax.fori_loop(
+            0, 3, maybe, (col, jnp.zeros(s, dtype), jnp.zeros((), dtype)))
         return vec.set_row(q, j, unit), r.at[:, j].set(c.at[j].set(norm))
 
     q0 = jax.tree.map(jnp.zeros_like, y)
